@@ -1,0 +1,212 @@
+"""Index a received instance: the database half of "durably kept".
+
+Called by the C-STORE handler after the spool has fsynced the file. One short
+transaction per instance, in Core SQL (this is the hot path): upsert study and series,
+insert the instance, and decide what a late instance means for a processed study.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Instance, Series, Study, StudyState, utcnow
+from node.spool import Spool
+
+log = logging.getLogger("ainode.ingest")
+
+LatePolicy = Literal["new-version", "ignore"]
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the index needs of one received instance; read from its header, never its pixels."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    patient_id: str | None
+    accession_number: str | None
+    relpath: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class IndexOutcome:
+    study_id: int
+    study_version: int
+    duplicate: bool
+    #: True when this instance re-opened a processed study as a new version.
+    new_version: bool
+    #: True when the instance arrived after processing and the policy is "ignore".
+    ignored_late: bool
+
+
+def _insert_ignore(session: Session, model: type, values: dict[str, object], key: str) -> None:
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+
+
+class InstanceIndex:
+    """Writes instance rows; one instance per transaction, committed before returning."""
+
+    def __init__(self, sessions: sessionmaker[Session], late_instances: LatePolicy = "new-version") -> None:
+        self.sessions = sessions
+        self.late_instances = late_instances
+
+    def record(
+        self,
+        inst: ReceivedInstance,
+        *,
+        calling_ae: str | None,
+        calling_host: str | None,
+        association_id: int | None,
+        now: datetime | None = None,
+    ) -> IndexOutcome:
+        now = now or utcnow()
+        with self.sessions() as session, session.begin():
+            _insert_ignore(
+                session,
+                Study,
+                {
+                    "study_instance_uid": inst.study_instance_uid,
+                    "patient_id": inst.patient_id,
+                    "accession_number": inst.accession_number,
+                    "state": StudyState.RECEIVING.value,
+                    "version": 1,
+                    "sender_ae": calling_ae,
+                    "sender_host": calling_host,
+                    "first_received_at": now,
+                    "last_received_at": now,
+                    "complete_requested": False,
+                    "instance_count": 0,
+                },
+                "study_instance_uid",
+            )
+            # Lock the study row (PostgreSQL) so that concurrent associations of the same
+            # study serialise their version decisions; SQLite's BEGIN IMMEDIATE already does.
+            study = session.execute(
+                select(Study.id, Study.state, Study.version)
+                .where(Study.study_instance_uid == inst.study_instance_uid)
+                .with_for_update()
+            ).one()
+
+            existing = session.execute(
+                select(Instance.id).where(Instance.sop_instance_uid == inst.sop_instance_uid)
+            ).scalar_one_or_none()
+            if existing is not None:
+                # Same SOP Instance UID again: idempotent. The file was rewritten in place.
+                session.execute(
+                    update(Instance)
+                    .where(Instance.id == existing)
+                    .values(size_bytes=inst.size_bytes, received_at=now, association_id=association_id)
+                )
+                return IndexOutcome(study.id, study.version, True, False, False)
+
+            version = study.version
+            values: dict[str, object] = {
+                "last_received_at": now,
+                "instance_count": Study.instance_count + 1,
+            }
+            new_version = ignored = False
+            if study.state != StudyState.RECEIVING:
+                if self.late_instances == "new-version":
+                    version += 1
+                    new_version = True
+                    values.update(
+                        state=StudyState.RECEIVING.value,
+                        version=version,
+                        complete_requested=False,
+                        sender_ae=calling_ae,
+                        sender_host=calling_host,
+                    )
+                else:
+                    ignored = True
+            session.execute(update(Study).where(Study.id == study.id).values(**values))
+
+            _insert_ignore(
+                session,
+                Series,
+                {
+                    "study_id": study.id,
+                    "series_instance_uid": inst.series_instance_uid,
+                    "modality": inst.modality,
+                    "instance_count": 0,
+                },
+                "series_instance_uid",
+            )
+            series_id = session.execute(
+                select(Series.id).where(Series.series_instance_uid == inst.series_instance_uid)
+            ).scalar_one()
+            session.execute(
+                update(Series).where(Series.id == series_id).values(instance_count=Series.instance_count + 1)
+            )
+            session.add(
+                Instance(
+                    series_id=series_id,
+                    sop_instance_uid=inst.sop_instance_uid,
+                    sop_class_uid=inst.sop_class_uid,
+                    transfer_syntax_uid=inst.transfer_syntax_uid,
+                    path=inst.relpath,
+                    size_bytes=inst.size_bytes,
+                    study_version=version,
+                    received_at=now,
+                    association_id=association_id,
+                )
+            )
+        if new_version:
+            log.info("study %s re-opened as version %d by a late instance", inst.study_instance_uid, version)
+        return IndexOutcome(study.id, version, False, new_version, ignored)
+
+
+def count_instances(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        return int(session.execute(select(func.count(Instance.id))).scalar_one())
+
+
+def reconcile_spool(spool: Spool, index: InstanceIndex) -> int:
+    """Index instance files that are in the spool but not in the database.
+
+    The spool is fsynced before every C-STORE success; with SQLite's ``synchronous=NORMAL``
+    a power cut can lose the last committed rows, never the files. Re-indexing them at start
+    restores "acknowledged means kept". Returns how many files were indexed.
+    """
+    with index.sessions() as session:
+        known = set(session.execute(select(Instance.path)).scalars())
+    added = 0
+    for relpath in spool.iter_instance_files():
+        if relpath in known:
+            continue
+        try:
+            ds = spool.read(relpath, headers_only=True)
+            index.record(
+                ReceivedInstance(
+                    study_instance_uid=str(ds.StudyInstanceUID),
+                    series_instance_uid=str(ds.SeriesInstanceUID),
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    sop_class_uid=str(ds.SOPClassUID),
+                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                    modality=ds.get("Modality"),
+                    patient_id=ds.get("PatientID"),
+                    accession_number=ds.get("AccessionNumber"),
+                    relpath=relpath,
+                    size_bytes=spool.abspath(relpath).stat().st_size,
+                ),
+                calling_ae=None,
+                calling_host=None,
+                association_id=None,
+            )
+            added += 1
+        except Exception as exc:
+            log.warning("spool file %s could not be indexed: %s", relpath, exc)
+    return added

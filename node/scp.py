@@ -1,0 +1,304 @@
+"""The receiving side: a pynetdicom AE answering C-ECHO and C-STORE.
+
+The C-STORE handler stays small (STYLE.md): read the few header attributes the index
+needs, hand the bytes as received to the spool, commit the row, return the status. No
+pixel decoding, no routing, no model on this path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Association as AssociationRow
+from db.models import Study, utcnow
+from node.ingest import InstanceIndex, ReceivedInstance
+from node.spool import Spool, SpoolError, valid_uid
+
+log = logging.getLogger("ainode.scp")
+
+# C-STORE statuses (PS3.4 Annex B.2.3).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # disk full, database unavailable: the sender should retry later
+DATASET_MISMATCH = 0xA900  # required attributes missing or inconsistent with the request
+CANNOT_UNDERSTAND = 0xC000  # the dataset could not be parsed at all
+
+# An AE title can never contain a backslash (PS3.5 6.2), so this entry matches no caller.
+_NOBODY = "\\"
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    # Error Comment is LO: at most 64 characters.
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+@dataclass
+class _AssocState:
+    row_id: int | None
+    calling_ae: str
+    host: str
+    stored: int = 0
+    failed: int = 0
+    study_ids: set[int] = field(default_factory=set)
+
+
+class CallerPolicy:
+    """Which calling AE titles may associate, optionally tied to a host (``AE@host``)."""
+
+    def __init__(self, allowed_callers: list[str]) -> None:
+        self.entries: list[tuple[str, str | None]] = []
+        for entry in allowed_callers:
+            ae, _, host = entry.partition("@")
+            self.entries.append((ae.strip(), host.strip() or None))
+
+    def allowed_titles(self, host: str | None) -> list[str]:
+        return [ae for ae, h in self.entries if h is None or h == host]
+
+    def allows(self, ae_title: str, host: str | None) -> bool:
+        return not self.entries or ae_title.strip() in self.allowed_titles(host)
+
+
+class _NodeAE(AE):
+    """pynetdicom's AE with an allow-list that can depend on the caller's host.
+
+    pynetdicom checks ``require_calling_aet`` during negotiation, inside the association's
+    own thread, and rejects with "calling AE title not recognized" (0x01, 0x01, 0x03) — the
+    answer the standard gives for an unknown caller. Returning the titles allowed for the
+    current association's host gives ``AE@host`` entries that same, standard rejection.
+    """
+
+    caller_policy: CallerPolicy | None = None
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        policy = self.caller_policy
+        if policy is None or not policy.entries:
+            return []
+        assoc = threading.current_thread()
+        host = assoc.requestor.address if isinstance(assoc, Association) else None
+        return policy.allowed_titles(host) or [_NOBODY]
+
+
+class StorageSCP:
+    """C-ECHO + C-STORE service provider bound to a spool and an instance index.
+
+    Parameters
+    ----------
+    ae_title
+        Our AE title: the Called AE Title peers must use.
+    on_release
+        Called with (calling AE, host, study ids, released normally?) when an association
+        ends, so the assembler can treat a ``complete_on_release`` sender's study as ready.
+    """
+
+    def __init__(
+        self,
+        *,
+        ae_title: str,
+        spool: Spool,
+        sessions: sessionmaker[Session],
+        index: InstanceIndex,
+        allowed_callers: list[str] | None = None,
+        on_release: Callable[[str, str, set[int], bool], None] | None = None,
+        maximum_pdu_size: int = 0,
+        acse_timeout_s: float = 30,
+        dimse_timeout_s: float = 60,
+        network_timeout_s: float = 60,
+        maximum_associations: int = 32,
+    ) -> None:
+        self.spool = spool
+        self.sessions = sessions
+        self.index = index
+        self.on_release = on_release
+        self._states: dict[int, _AssocState] = {}
+        self._lock = threading.Lock()
+
+        ae = _NodeAE(ae_title=ae_title)
+        ae.caller_policy = CallerPolicy(allowed_callers or [])
+        ae.maximum_pdu_size = maximum_pdu_size
+        ae.acse_timeout = acse_timeout_s
+        ae.dimse_timeout = dimse_timeout_s
+        ae.network_timeout = network_timeout_s
+        ae.maximum_associations = maximum_associations
+        # Peers must call us by our AE title: PACS administrators rely on that check.
+        ae.require_called_aet = True
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.ae = ae
+        self._server: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, host: str, port: int) -> None:
+        handlers = [
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+            (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+        self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+        log.info("listening as %s on %s:%d", self.ae.ae_title, host, port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    # -- association bookkeeping -----------------------------------------------------------
+    def _audit_start(self, assoc: Association, outcome: str, reason: str | None = None) -> int | None:
+        row = AssociationRow(
+            direction="in",
+            calling_ae=(assoc.requestor.ae_title or "").strip(),
+            called_ae=(assoc.acceptor.ae_title or "").strip(),
+            peer_host=assoc.requestor.address,
+            peer_port=assoc.requestor.port,
+            outcome=outcome,
+            reason=reason,
+        )
+        try:
+            with self.sessions() as session, session.begin():
+                session.add(row)
+            return row.id
+        except SQLAlchemyError:
+            log.exception("could not record association from %s", assoc.requestor.address)
+            return None
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        row_id = self._audit_start(assoc, "accepted")
+        with self._lock:
+            self._states[id(assoc)] = _AssocState(
+                row_id, (assoc.requestor.ae_title or "").strip(), assoc.requestor.address
+            )
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = (assoc.requestor.ae_title or "").strip()
+        reason = f"calling AE title {calling!r} from {assoc.requestor.address} not allowed"
+        self._audit_start(assoc, "rejected", reason)
+        log.warning("association rejected: %s", reason)
+
+    def _finish(self, event: evt.Event, outcome: str) -> None:
+        with self._lock:
+            state = self._states.pop(id(event.assoc), None)
+        if state is None:
+            return
+        if state.row_id is not None:
+            try:
+                with self.sessions() as session, session.begin():
+                    row = session.get(AssociationRow, state.row_id)
+                    if row is not None:
+                        row.outcome, row.ended_at = outcome, utcnow()
+                        row.stored, row.failed = state.stored, state.failed
+            except SQLAlchemyError:
+                log.exception("could not close association record %s", state.row_id)
+        studies = ""
+        if state.study_ids:
+            with self.sessions() as session:
+                uids = session.query(Study.study_instance_uid).filter(Study.id.in_(state.study_ids)).all()
+            studies = " studies " + ",".join(u for (u,) in uids)
+        log.info(
+            "association %s from %s@%s %s: %d stored, %d failed%s",
+            state.row_id,
+            state.calling_ae,
+            state.host,
+            outcome,
+            state.stored,
+            state.failed,
+            studies,
+        )
+        if self.on_release is not None:
+            self.on_release(state.calling_ae, state.host, state.study_ids, outcome == "released")
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._finish(event, "released")
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        self._finish(event, "aborted")
+
+    # -- services --------------------------------------------------------------------------
+    def _on_c_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def _on_c_store(self, event: evt.Event) -> int | Dataset:
+        with self._lock:
+            state = self._states.get(id(event.assoc))
+        status = self._store(event, state)
+        if state is not None:
+            if isinstance(status, int) and status == SUCCESS:
+                state.stored += 1
+            else:
+                state.failed += 1
+        return status
+
+    def _store(self, event: evt.Event, state: _AssocState | None) -> int | Dataset:
+        request = event.request
+        try:
+            ds = event.dataset
+            study_uid = str(ds.StudyInstanceUID)
+            series_uid = str(ds.SeriesInstanceUID)
+            sop_uid = str(ds.SOPInstanceUID)
+            modality = ds.get("Modality")
+            patient_id = ds.get("PatientID")
+            accession = ds.get("AccessionNumber")
+        except AttributeError as exc:
+            log.warning("C-STORE %s refused: %s", request.AffectedSOPInstanceUID, exc)
+            return _failure(DATASET_MISMATCH, f"missing attribute: {exc}")
+        except Exception as exc:  # pydicom raises many types for broken encodings
+            log.warning("C-STORE %s refused, dataset unreadable: %s", request.AffectedSOPInstanceUID, exc)
+            return _failure(CANNOT_UNDERSTAND, f"dataset unreadable: {type(exc).__name__}")
+        if sop_uid != request.AffectedSOPInstanceUID:
+            return _failure(DATASET_MISMATCH, "SOPInstanceUID differs from Affected SOP Instance UID")
+        bad = [n for n, v in (("Study", study_uid), ("Series", series_uid), ("SOP", sop_uid)) if not valid_uid(v)]
+        if bad:
+            return _failure(DATASET_MISMATCH, f"invalid {'/'.join(bad)} Instance UID")
+
+        relpath = Spool.instance_relpath(study_uid, series_uid, sop_uid)
+        try:
+            size = self.spool.write_encoded(relpath, event.file_meta, request.DataSet.getbuffer())
+        except SpoolError as exc:
+            log.error("C-STORE %s failed: spool: %s", sop_uid, exc)
+            return _failure(OUT_OF_RESOURCES, f"spool: {exc.strerror or exc}")
+        try:
+            outcome = self.index.record(
+                ReceivedInstance(
+                    study_instance_uid=study_uid,
+                    series_instance_uid=series_uid,
+                    sop_instance_uid=sop_uid,
+                    sop_class_uid=str(request.AffectedSOPClassUID),
+                    transfer_syntax_uid=str(event.context.transfer_syntax),
+                    modality=str(modality) if modality else None,
+                    patient_id=str(patient_id) if patient_id else None,
+                    accession_number=str(accession) if accession else None,
+                    relpath=relpath,
+                    size_bytes=size,
+                ),
+                calling_ae=state.calling_ae if state else None,
+                calling_host=state.host if state else None,
+                association_id=state.row_id if state else None,
+            )
+        except SQLAlchemyError as exc:
+            log.error("C-STORE %s failed: database: %s", sop_uid, type(exc).__name__)
+            return _failure(OUT_OF_RESOURCES, "database unavailable")
+        if state is not None:
+            state.study_ids.add(outcome.study_id)
+        return SUCCESS

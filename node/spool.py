@@ -1,0 +1,142 @@
+"""The file store: ``<root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``.
+
+Files are written as temp file + fsync + atomic rename + directory fsync, so a C-STORE
+success (ARCHITECTURE.md, invariant 1) never points at a half-written or vanished file.
+The database indexes the spool; the spool is the source of pixel data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import Dataset, dcmread
+from pydicom.filewriter import write_file_meta_info
+
+# DICOM UIDs are digits and dots only (PS3.5 9.1); anything else would let a sender
+# write outside its study folder, so it is refused before it becomes a path.
+_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
+
+RESULTS_DIR = "_results"
+TMP_SUFFIX = ".part"
+
+
+class SpoolError(OSError):
+    """The spool could not keep a file (disk full, permissions, ...)."""
+
+
+def valid_uid(value: object) -> bool:
+    return isinstance(value, str) and bool(_UID.match(value))
+
+
+class Spool:
+    """Durable file store rooted at ``root``.
+
+    Parameters
+    ----------
+    root
+        Folder of the spool; shared by every node process in a scaled-out deployment.
+    fsync
+        Flush file and folder to the disk before a write returns. Only tests of the
+        network stack's raw speed may turn this off.
+    """
+
+    def __init__(self, root: Path, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    # -- paths -----------------------------------------------------------------------------
+    @staticmethod
+    def instance_relpath(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
+        for uid in (study_uid, series_uid, sop_instance_uid):
+            if not valid_uid(uid):
+                raise ValueError(f"not a valid DICOM UID: {uid!r}")
+        return f"{study_uid}/{series_uid}/{sop_instance_uid}.dcm"
+
+    @staticmethod
+    def result_relpath(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
+        return f"{RESULTS_DIR}/{Spool.instance_relpath(study_uid, series_uid, sop_instance_uid)}"
+
+    def abspath(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    # -- writing ---------------------------------------------------------------------------
+    def write_encoded(self, relpath: str, file_meta: Dataset, encoded_dataset: bytes | memoryview) -> int:
+        """Write a DICOM file from its File Meta Information and the dataset as received.
+
+        The dataset bytes are kept exactly as the sender encoded them (no re-encoding, no
+        pixel decoding): the transfer syntax in ``file_meta`` says how to read them.
+        Returns the file size in bytes.
+        """
+
+        def body(fh: BinaryIO) -> None:
+            fh.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(fh, file_meta, enforce_standard=True)
+            fh.write(encoded_dataset)
+
+        return self._write_atomically(relpath, body)
+
+    def write_dataset(self, relpath: str, ds: Dataset) -> int:
+        """Write a complete dataset (with ``file_meta``) such as a result object."""
+        return self._write_atomically(relpath, lambda fh: ds.save_as(fh, enforce_file_format=True))
+
+    def _write_atomically(self, relpath: str, body: object) -> int:
+        final = self.root / relpath
+        directory = final.parent
+        tmp = final.with_name(f"{final.name}.{os.getpid()}.{id(body):x}{TMP_SUFFIX}")
+        try:
+            if directory not in self._known_dirs:
+                directory.mkdir(parents=True, exist_ok=True)
+                if self.fsync:
+                    self._fsync_dir(directory.parent)
+                self._known_dirs.add(directory)
+            with open(tmp, "wb") as fh:
+                body(fh)  # type: ignore[operator]
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+                size = fh.tell()
+            os.replace(tmp, final)
+            if self.fsync:
+                self._fsync_dir(directory)
+            return size
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise SpoolError(exc.errno, f"cannot write {relpath}: {exc.strerror or exc}") from exc
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- reading and housekeeping ----------------------------------------------------------
+    def read(self, relpath: str, *, headers_only: bool = False) -> Dataset:
+        return dcmread(self.root / relpath, stop_before_pixels=headers_only)
+
+    def remove_study(self, study_uid: str) -> None:
+        if valid_uid(study_uid):
+            shutil.rmtree(self.root / study_uid, ignore_errors=True)
+            self._known_dirs = {d for d in self._known_dirs if d.parent.parent.name != study_uid}
+
+    def iter_instance_files(self) -> Iterator[str]:
+        """Relative paths of every received instance file (not results, not temp files)."""
+        for path in self.root.glob("*/*/*.dcm"):
+            if path.parts[-3] != RESULTS_DIR:
+                yield path.relative_to(self.root).as_posix()
+
+    def remove_temp_files(self) -> int:
+        """Delete temp files left by a process killed mid-write (they were never acknowledged)."""
+        removed = 0
+        for path in self.root.rglob(f"*{TMP_SUFFIX}"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed

@@ -1,0 +1,323 @@
+"""Claim a job, run its pipeline on the study, put the result objects in the outbox.
+
+The worker is the only place where the node's shell meets the pure pipelines: it reads
+files from the spool, hands datasets to a :class:`StudyRunner`, and writes what comes back
+(already complete DICOM objects with their UIDs fixed) to the spool and the database in
+one transaction, together with one delivery row per destination.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pydicom import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import (
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
+from db.queue import claim_next_job, heartbeat
+from node.spool import Spool
+
+log = logging.getLogger("ainode.worker")
+
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+PARAMETRIC_MAP_CLASS = "1.2.840.10008.5.1.4.1.1.30"
+
+
+def result_kind(ds: Dataset) -> str:
+    """The config's name for a result object: seg, sr, or sc (any image for plain viewers)."""
+    sop_class = str(ds.SOPClassUID)
+    if sop_class == SEG_CLASS:
+        return "seg"
+    if sop_class.startswith(SR_PREFIX):
+        return "sr"
+    return "sc"
+
+
+@dataclass
+class RunOutcome:
+    """What a pipeline run produced for one job."""
+
+    datasets: list[Dataset] = field(default_factory=list)
+    #: Set when the study was not analysed (unsuitable input): the job ends "not-applicable".
+    not_analysed: str | None = None
+    model_s: float | None = None
+
+
+class StudyRunner(Protocol):
+    def run(self, pipeline: str, series_files: Mapping[str, Sequence[Path]], outputs: set[str]) -> RunOutcome: ...
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    outputs: frozenset[str]
+
+
+class DestinationError(ValueError):
+    pass
+
+
+PeerResolver = Callable[[str, str | None, str | None], Destination]
+
+
+class Worker:
+    """Runs jobs one at a time; several Workers (threads, processes, machines) share the queue."""
+
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        spool: Spool,
+        runner: StudyRunner,
+        resolve: PeerResolver,
+        worker_id: str,
+        on_result: Callable[[], None] | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.spool = spool
+        self.runner = runner
+        self.resolve = resolve
+        self.worker_id = worker_id
+        self.on_result = on_result
+        self.current_job: int | None = None
+
+    def run_once(self) -> bool:
+        job = claim_next_job(self.sessions, self.worker_id)
+        if job is None:
+            return False
+        self.current_job = job.id
+        try:
+            self.process(job)
+        finally:
+            self.current_job = None
+        return True
+
+    # -- one job ---------------------------------------------------------------------------
+    def _study_files(self, study_id: int) -> tuple[str, dict[str, list[Path]]]:
+        with self.sessions() as session:
+            study_uid = session.execute(select(Study.study_instance_uid).where(Study.id == study_id)).scalar_one()
+            rows = session.execute(
+                select(Series.series_instance_uid, Instance.path)
+                .join(Instance, Instance.series_id == Series.id)
+                .where(Series.study_id == study_id)
+                .order_by(Instance.id)
+            ).all()
+        files: dict[str, list[Path]] = defaultdict(list)
+        for series_uid, relpath in rows:
+            files[series_uid].append(self.spool.abspath(relpath))
+        return study_uid, dict(files)
+
+    def process(self, job: Job) -> None:
+        started = time.monotonic()
+        study_uid, files = self._study_files(job.study_id)
+        try:
+            destinations, unresolved = self._destinations(job)
+            outputs = set().union(*(d.outputs for d in destinations)) if destinations else {"seg", "sr"}
+            outcome = self.runner.run(job.pipeline, files, outputs)
+        except Exception as exc:  # a pipeline exception fails this job only (invariant 6)
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("job %d study %s failed: %s", job.id, study_uid, reason)
+            log.debug("job %d traceback:\n%s", job.id, traceback.format_exc())
+            self._finish(job.id, JobState.FAILED, reason, time.monotonic() - started, None)
+            return
+        if outcome.not_analysed is not None:
+            log.info("job %d study %s not analysed: %s", job.id, study_uid, outcome.not_analysed)
+            self._finish(
+                job.id, JobState.NOT_APPLICABLE, outcome.not_analysed, time.monotonic() - started, outcome.model_s
+            )
+            return
+        try:
+            self._store_results(job, study_uid, outcome, destinations, unresolved, started)
+        except Exception as exc:
+            reason = f"could not store results: {type(exc).__name__}: {exc}"
+            log.error("job %d study %s failed: %s", job.id, study_uid, reason)
+            self._finish(job.id, JobState.FAILED, reason, time.monotonic() - started, outcome.model_s)
+            return
+        if self.on_result is not None:
+            self.on_result()
+
+    def _destinations(self, job: Job) -> tuple[list[Destination], list[tuple[str, str]]]:
+        resolved: list[Destination] = []
+        unresolved: list[tuple[str, str]] = []
+        for name in job.destinations:
+            try:
+                resolved.append(self.resolve(name, job.sender_ae, job.sender_host))
+            except DestinationError as exc:
+                unresolved.append((name, str(exc)))
+        return resolved, unresolved
+
+    def _store_results(
+        self,
+        job: Job,
+        study_uid: str,
+        outcome: RunOutcome,
+        destinations: list[Destination],
+        unresolved: list[tuple[str, str]],
+        started: float,
+    ) -> None:
+        # Files first (fsynced), rows second: a crash in between leaves orphan files that no
+        # row points to, never a row that points to nothing.
+        stored: list[tuple[Dataset, str, str]] = []
+        for ds in outcome.datasets:
+            relpath = Spool.result_relpath(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+            self.spool.write_dataset(relpath, ds)
+            stored.append((ds, relpath, result_kind(ds)))
+        now = utcnow()
+        with self.sessions() as session, session.begin():
+            row = session.get(Job, job.id, with_for_update=True)
+            if row is None or row.state != JobState.RUNNING or row.claimed_by != self.worker_id:
+                # Another worker took the job over (our lease expired): its results win.
+                log.warning("job %d was taken over by %s; dropping our results", job.id, row and row.claimed_by)
+                return
+            for ds, relpath, kind in stored:
+                result = Result(
+                    job_id=job.id,
+                    kind=kind,
+                    sop_class_uid=str(ds.SOPClassUID),
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    series_instance_uid=str(ds.SeriesInstanceUID),
+                    path=relpath,
+                )
+                session.add(result)
+                session.flush()
+                for dest in destinations:
+                    if kind in dest.outputs:
+                        session.add(
+                            Delivery(
+                                result_id=result.id,
+                                destination=dest.name,
+                                ae_title=dest.ae_title,
+                                host=dest.host,
+                                port=dest.port,
+                                next_attempt_at=now,
+                            )
+                        )
+                for name, why in unresolved:
+                    session.add(
+                        Delivery(
+                            result_id=result.id,
+                            destination=name,
+                            ae_title=(job.sender_ae or "")[:16],
+                            host=job.sender_host or "",
+                            port=0,
+                            state=DeliveryState.FAILED,
+                            last_error=why,
+                        )
+                    )
+            reason = "; ".join(f"destination {n}: {w}" for n, w in unresolved) or None
+            self._set_finished(session, row, JobState.DONE, reason, time.monotonic() - started, outcome.model_s)
+        kinds = ",".join(sorted({k for _, _, k in stored}))
+        log.info(
+            "job %d study %s done: %d result objects (%s) for %s",
+            job.id,
+            study_uid,
+            len(stored),
+            kinds or "none",
+            ",".join(d.name for d in destinations) or "no destination",
+        )
+
+    def _finish(self, job_id: int, state: JobState, reason: str | None, total_s: float, model_s: float | None) -> None:
+        with self.sessions() as session, session.begin():
+            row = session.get(Job, job_id, with_for_update=True)
+            if row is not None and row.claimed_by == self.worker_id and row.state == JobState.RUNNING:
+                self._set_finished(session, row, state, reason, total_s, model_s)
+
+    @staticmethod
+    def _set_finished(
+        session: Session, row: Job, state: JobState, reason: str | None, total_s: float, model_s: float | None
+    ) -> None:
+        row.state = state
+        row.reason = reason
+        row.finished_at = utcnow()
+        row.total_s = total_s
+        row.model_s = model_s
+        session.add(
+            AuditEvent(kind="job", actor=row.claimed_by, subject=str(row.id), detail=f"{state.value}: {reason or ''}")
+        )
+        # The study is processed once every job of its current version has ended.
+        study = session.get(Study, row.study_id, with_for_update=True)
+        if study is not None and study.state == StudyState.QUEUED and study.version == row.study_version:
+            open_jobs = session.execute(
+                select(Job.id).where(
+                    Job.study_id == study.id,
+                    Job.study_version == study.version,
+                    Job.id != row.id,
+                    Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
+                )
+            ).first()
+            if open_jobs is None:
+                study.state = StudyState.PROCESSED
+
+
+class WorkerPool:
+    """N worker threads in this process plus one heartbeat thread for their running jobs."""
+
+    def __init__(self, workers: list[Worker], sessions: sessionmaker[Session], heartbeat_s: float = 10.0) -> None:
+        self.workers = workers
+        self.sessions = sessions
+        self.heartbeat_s = heartbeat_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        for worker in self.workers:
+            t = threading.Thread(target=self._loop, args=(worker,), name=f"worker-{worker.worker_id}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        hb = threading.Thread(target=self._heartbeat_loop, name="job-heartbeat", daemon=True)
+        hb.start()
+        self._threads.append(hb)
+
+    def stop(self, timeout_s: float = 30) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout_s)
+
+    def _loop(self, worker: Worker) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = worker.run_once()
+            except Exception:
+                log.exception("worker %s: unexpected error; continuing", worker.worker_id)
+                busy = False
+            if not busy:
+                self._wake.wait(1.0)
+                self._wake.clear()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            ids = [w.current_job for w in self.workers if w.current_job is not None]
+            try:
+                heartbeat(self.sessions, ids)
+            except Exception:
+                log.exception("job heartbeat failed")
