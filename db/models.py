@@ -117,7 +117,6 @@ class Series(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     modality: Mapped[str | None] = mapped_column(String(16))
-    instance_count: Mapped[int] = mapped_column(Integer, default=0)
     #: Router decision for this series, made once from its first instance's header:
     #: the route's name, or None with ``route_reason`` saying why nothing matched.
     routed: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -8,11 +8,12 @@ insert the instance, and decide what a late instance means for a processed study
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -51,18 +52,78 @@ class IndexOutcome:
     ignored_late: bool
 
 
-def _insert_ignore(session: Session, model: type, values: dict[str, object], key: str) -> None:
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+def _dialect_insert(session: Session):  # type: ignore[no-untyped-def]
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 class InstanceIndex:
-    """Writes instance rows; one instance per transaction, committed before returning."""
+    """Writes instance rows; one instance per transaction, committed before returning.
+
+    The common case — another instance of a study that is still receiving — costs three
+    statements: read the study's state, insert the instance (a duplicate SOP Instance UID is
+    a no-op insert), bump the study's clock. Series ids are cached: they never change.
+    """
 
     def __init__(self, sessions: sessionmaker[Session], late_instances: LatePolicy = "new-version") -> None:
         self.sessions = sessions
         self.late_instances = late_instances
+        self._series_ids: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _study_row(self, session: Session, inst: ReceivedInstance, calling_ae: str | None,
+                   calling_host: str | None, now: datetime) -> Row:
+        query = (
+            select(Study.id, Study.state, Study.version)
+            .where(Study.study_instance_uid == inst.study_instance_uid)
+            # Lock the study row (PostgreSQL) so that concurrent associations of the same
+            # study serialise their version decisions; SQLite's BEGIN IMMEDIATE already does.
+            .with_for_update()
+        )
+        row = session.execute(query).first()
+        if row is None:
+            insert = _dialect_insert(session)
+            session.execute(
+                insert(Study)
+                .values(
+                    study_instance_uid=inst.study_instance_uid,
+                    patient_id=inst.patient_id,
+                    accession_number=inst.accession_number,
+                    state=StudyState.RECEIVING.value,
+                    version=1,
+                    sender_ae=calling_ae,
+                    sender_host=calling_host,
+                    first_received_at=now,
+                    last_received_at=now,
+                    complete_requested=False,
+                    instance_count=0,
+                )
+                .on_conflict_do_nothing(index_elements=["study_instance_uid"])
+            )
+            row = session.execute(query).one()
+        return row
+
+    def _series_id(self, session: Session, inst: ReceivedInstance, study_id: int) -> int:
+        with self._lock:
+            cached = self._series_ids.get(inst.series_instance_uid)
+        if cached is not None:
+            return cached
+        query = select(Series.id).where(Series.series_instance_uid == inst.series_instance_uid)
+        series_id = session.execute(query).scalar_one_or_none()
+        if series_id is None:
+            insert = _dialect_insert(session)
+            session.execute(
+                insert(Series)
+                .values(study_id=study_id, series_instance_uid=inst.series_instance_uid, modality=inst.modality)
+                .on_conflict_do_nothing(index_elements=["series_instance_uid"])
+            )
+            series_id = session.execute(query).scalar_one()
+        with self._lock:
+            self._series_ids[inst.series_instance_uid] = series_id
+        return series_id
+
+    def forget_series(self) -> None:
+        with self._lock:
+            self._series_ids.clear()
 
     def record(
         self,
@@ -74,54 +135,41 @@ class InstanceIndex:
         now: datetime | None = None,
     ) -> IndexOutcome:
         now = now or utcnow()
+        new_version = ignored = False
         with self.sessions() as session, session.begin():
-            _insert_ignore(
-                session,
-                Study,
-                {
-                    "study_instance_uid": inst.study_instance_uid,
-                    "patient_id": inst.patient_id,
-                    "accession_number": inst.accession_number,
-                    "state": StudyState.RECEIVING.value,
-                    "version": 1,
-                    "sender_ae": calling_ae,
-                    "sender_host": calling_host,
-                    "first_received_at": now,
-                    "last_received_at": now,
-                    "complete_requested": False,
-                    "instance_count": 0,
-                },
-                "study_instance_uid",
-            )
-            # Lock the study row (PostgreSQL) so that concurrent associations of the same
-            # study serialise their version decisions; SQLite's BEGIN IMMEDIATE already does.
-            study = session.execute(
-                select(Study.id, Study.state, Study.version)
-                .where(Study.study_instance_uid == inst.study_instance_uid)
-                .with_for_update()
-            ).one()
-
-            existing = session.execute(
-                select(Instance.id).where(Instance.sop_instance_uid == inst.sop_instance_uid)
-            ).scalar_one_or_none()
-            if existing is not None:
-                # Same SOP Instance UID again: idempotent. The file was rewritten in place.
+            study = self._study_row(session, inst, calling_ae, calling_host, now)
+            version = study.version
+            receiving = study.state == StudyState.RECEIVING
+            if not receiving and self.late_instances == "new-version":
+                version += 1
+            series_id = self._series_id(session, inst, study.id)
+            inserted = session.execute(
+                _dialect_insert(session)(Instance)
+                .values(
+                    series_id=series_id,
+                    sop_instance_uid=inst.sop_instance_uid,
+                    sop_class_uid=inst.sop_class_uid,
+                    transfer_syntax_uid=inst.transfer_syntax_uid,
+                    path=inst.relpath,
+                    size_bytes=inst.size_bytes,
+                    study_version=version,
+                    received_at=now,
+                    association_id=association_id,
+                )
+                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            ).rowcount
+            if not inserted:
+                # Same SOP Instance UID again: idempotent. The file was rewritten in place;
+                # the study's state and version do not change.
                 session.execute(
                     update(Instance)
-                    .where(Instance.id == existing)
+                    .where(Instance.sop_instance_uid == inst.sop_instance_uid)
                     .values(size_bytes=inst.size_bytes, received_at=now, association_id=association_id)
                 )
                 return IndexOutcome(study.id, study.version, True, False, False)
-
-            version = study.version
-            values: dict[str, object] = {
-                "last_received_at": now,
-                "instance_count": Study.instance_count + 1,
-            }
-            new_version = ignored = False
-            if study.state != StudyState.RECEIVING:
+            values: dict[str, object] = {"last_received_at": now, "instance_count": Study.instance_count + 1}
+            if not receiving:
                 if self.late_instances == "new-version":
-                    version += 1
                     new_version = True
                     values.update(
                         state=StudyState.RECEIVING.value,
@@ -133,39 +181,10 @@ class InstanceIndex:
                 else:
                     ignored = True
             session.execute(update(Study).where(Study.id == study.id).values(**values))
-
-            _insert_ignore(
-                session,
-                Series,
-                {
-                    "study_id": study.id,
-                    "series_instance_uid": inst.series_instance_uid,
-                    "modality": inst.modality,
-                    "instance_count": 0,
-                },
-                "series_instance_uid",
-            )
-            series_id = session.execute(
-                select(Series.id).where(Series.series_instance_uid == inst.series_instance_uid)
-            ).scalar_one()
-            session.execute(
-                update(Series).where(Series.id == series_id).values(instance_count=Series.instance_count + 1)
-            )
-            session.add(
-                Instance(
-                    series_id=series_id,
-                    sop_instance_uid=inst.sop_instance_uid,
-                    sop_class_uid=inst.sop_class_uid,
-                    transfer_syntax_uid=inst.transfer_syntax_uid,
-                    path=inst.relpath,
-                    size_bytes=inst.size_bytes,
-                    study_version=version,
-                    received_at=now,
-                    association_id=association_id,
-                )
-            )
         if new_version:
             log.info("study %s re-opened as version %d by a late instance", inst.study_instance_uid, version)
+        elif ignored:
+            log.info("study %s: late instance kept, not processed (late_instances: ignore)", inst.study_instance_uid)
         return IndexOutcome(study.id, version, False, new_version, ignored)
 
 

@@ -94,7 +94,6 @@ def upgrade() -> None:
     sa.Column('study_id', sa.Integer(), nullable=False),
     sa.Column('series_instance_uid', sa.String(length=64), nullable=False),
     sa.Column('modality', sa.String(length=16), nullable=True),
-    sa.Column('instance_count', sa.Integer(), nullable=False),
     sa.Column('routed', sa.Boolean(), nullable=False),
     sa.Column('route', sa.String(length=64), nullable=True),
     sa.Column('route_reason', sa.Text(), nullable=True),
