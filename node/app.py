@@ -1,0 +1,302 @@
+"""Compose the node from its config: receiver, assembler, workers, outbox, housekeeping.
+
+One process runs everything on SQLite; many processes (``role``) share PostgreSQL and a
+spool. Every loop keeps its state in the database, so a process may be killed at any
+moment and a restart resumes from the database alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from pydicom.uid import generate_uid
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.engine import make_engine, make_session_factory
+from db.migrate import upgrade
+from db.models import Delivery, DeliveryState, Instance, Job, JobState, Series, Study, StudyState, utcnow
+from db.queue import process_identity, reclaim_stale_jobs
+from node import __version__
+from node.assembler import StudyAssembler
+from node.config import Config
+from node.ingest import InstanceIndex, reconcile_spool
+from node.outbox import Backoff, Outbox, OutboxThread
+from node.router import Router
+from node.scp import StorageSCP
+from node.spool import Spool
+from node.worker import Destination, DestinationError, StudyRunner, Worker, WorkerPool
+
+log = logging.getLogger("ainode")
+
+MANUFACTURER = "dicom-ai-node"
+
+
+def device_uid(config: Config) -> str:
+    """The node's Device UID: configured, or derived from its AE title and host name.
+
+    Derived deterministically so that it survives restarts (loop prevention and AIR's
+    Contributing Equipment rely on it) without a state file.
+    """
+    if config.node.device_uid:
+        return config.node.device_uid
+    return generate_uid(entropy_srcs=["dicom-ai-node device", config.node.ae_title, socket.gethostname()])
+
+
+def make_resolver(config: Config) -> Callable[[str, str | None, str | None], Destination]:
+    def resolve(name: str, sender_ae: str | None, sender_host: str | None) -> Destination:
+        if name == "sender":
+            found = config.peer_for_caller(sender_ae or "", sender_host) if sender_ae else None
+            if found is None:
+                raise DestinationError(
+                    f"the sender {sender_ae or '?'}@{sender_host or '?'} has no entry under peers "
+                    "(add its AE title, host and port to send results back)"
+                )
+            peer_name, peer = found
+        else:
+            peer = config.peers.get(name)
+            if peer is None:
+                raise DestinationError(f"no peer named {name!r}")
+            peer_name = name
+        return Destination(peer_name, peer.ae_title, peer.host, peer.port, frozenset(peer.outputs))
+
+    return resolve
+
+
+@dataclass
+class Loop:
+    """A background loop calling ``step`` every ``every_s`` seconds until stopped."""
+
+    name: str
+    step: Callable[[], object]
+    every_s: float
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 10) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:
+                log.exception("%s: unexpected error; continuing", self.name)
+            self._wake.wait(self.every_s)
+            self._wake.clear()
+
+
+class NodeApp:
+    """The running node. ``start()`` returns once the DICOM port is listening."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        runner: StudyRunner | None = None,
+        job_lease_s: float = 120.0,
+        max_job_attempts: int = 3,
+        assembler_poll_s: float = 0.5,
+    ) -> None:
+        self.config = config
+        node = config.node
+        self.engine = make_engine(node.database_url)
+        upgrade(self.engine)
+        self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
+        self.spool = Spool(Path(node.spool_dir))
+        self.index = InstanceIndex(self.sessions, node.late_instances)
+        self.device_uid = device_uid(config)
+        self.identity = process_identity()
+        self.job_lease_s = job_lease_s
+        self.max_job_attempts = max_job_attempts
+        self._runner = runner
+        self._assembler_poll_s = assembler_poll_s
+        self.scp: StorageSCP | None = None
+        self.pool: WorkerPool | None = None
+        self.outbox_thread: OutboxThread | None = None
+        self.loops: list[Loop] = []
+
+    # -- parts -----------------------------------------------------------------------------
+    def _make_runner(self) -> StudyRunner:
+        return self._runner if self._runner is not None else self.make_runner_for(self.config)
+
+    @staticmethod
+    def make_runner_for(config: Config) -> StudyRunner:
+        from node.runner import OnnxStudyRunner
+        from pipelines.dicom import Equipment
+        from pipelines.runtime import ModelRegistry, bundled_models_dir
+
+        rt = config.runtime
+        registry = ModelRegistry(
+            [bundled_models_dir(), *map(Path, config.node.models_dirs)],
+            providers=None if rt.providers == "auto" else list(rt.providers),
+            intra_op_threads=rt.intra_op_threads,
+            inter_op_threads=rt.inter_op_threads,
+        )
+        equipment = Equipment(
+            manufacturer=MANUFACTURER,
+            model_name=MANUFACTURER,
+            software_versions=__version__,
+            device_uid=device_uid(config),
+            institution_name=config.node.institution_name,
+            station_name=config.node.station_name or config.node.ae_title,
+        )
+        return OnnxStudyRunner(registry, equipment)
+
+    def backoff(self) -> Backoff:
+        d = self.config.delivery
+        return Backoff(d.initial_delay_s, d.factor, d.max_delay_s, d.give_up_after_s)
+
+    def make_outbox(self) -> Outbox:
+        return Outbox(
+            sessions=self.sessions,
+            spool=self.spool,
+            calling_ae=self.config.node.ae_title,
+            backoff=self.backoff(),
+            owner=self.identity,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        node = self.config.node
+        removed = self.spool.remove_temp_files()
+        indexed = reconcile_spool(self.spool, self.index)
+        if removed or indexed:
+            log.info("spool check: %d unacknowledged partial files removed, %d files re-indexed", removed, indexed)
+        reclaimed = reclaim_stale_jobs(self.sessions, lease_s=self.job_lease_s, max_attempts=self.max_job_attempts)
+        if reclaimed:
+            log.info("reclaimed %d jobs left running by a stopped process: %s", len(reclaimed), reclaimed)
+
+        router = Router(self.config.routes, own_device_uid=self.device_uid, own_manufacturer=MANUFACTURER)
+        assembler = StudyAssembler(self.sessions, self.spool, router, self.config.routes)
+
+        if node.role in ("all", "worker"):
+            runner = self._make_runner()
+            workers = [
+                Worker(
+                    sessions=self.sessions,
+                    spool=self.spool,
+                    runner=runner,
+                    resolve=make_resolver(self.config),
+                    worker_id=f"{self.identity}:w{i}",
+                    on_result=lambda: self.outbox_thread.wake() if self.outbox_thread else None,
+                )
+                for i in range(node.workers)
+            ]
+            self.pool = WorkerPool(workers, self.sessions, heartbeat_s=max(1.0, self.job_lease_s / 4))
+            self.pool.start()
+            self.outbox_thread = OutboxThread(self.make_outbox())
+            self.outbox_thread.start()
+
+        def assemble() -> None:
+            if assembler.tick() and self.pool is not None:
+                self.pool.wake()
+
+        assemble_loop = Loop("assembler", assemble, self._assembler_poll_s)
+        self.loops = [
+            assemble_loop,
+            Loop("reclaimer", self._reclaim, max(1.0, self.job_lease_s / 2)),
+            Loop("retention", self._retention, 600.0),
+        ]
+        for loop in self.loops:
+            loop.start()
+
+        if node.role in ("all", "receiver"):
+
+            def on_release(calling_ae: str, host: str, study_ids: set[int], released: bool) -> None:
+                found = self.config.peer_for_caller(calling_ae, host)
+                if released and found is not None and found[1].complete_on_release:
+                    assembler.request_complete(study_ids)
+                    assemble_loop.wake()
+
+            self.scp = StorageSCP(
+                ae_title=node.ae_title,
+                spool=self.spool,
+                sessions=self.sessions,
+                index=self.index,
+                allowed_callers=list(node.allowed_callers),
+                on_release=on_release,
+                maximum_pdu_size=node.max_pdu,
+                acse_timeout_s=node.acse_timeout_s,
+                dimse_timeout_s=node.dimse_timeout_s,
+                network_timeout_s=node.network_timeout_s,
+            )
+            self.scp.start(node.host, node.port)
+        log.info(
+            "dicom-ai-node %s started: AE %s, role %s, %d workers, device UID %s",
+            __version__,
+            node.ae_title,
+            node.role,
+            node.workers if self.pool else 0,
+            self.device_uid,
+        )
+
+    def stop(self) -> None:
+        if self.scp is not None:
+            self.scp.stop()
+        for loop in self.loops:
+            loop.stop()
+        if self.pool is not None:
+            self.pool.stop()
+        if self.outbox_thread is not None:
+            self.outbox_thread.stop()
+        self.engine.dispose()
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def _reclaim(self) -> None:
+        if reclaim_stale_jobs(self.sessions, lease_s=self.job_lease_s, max_attempts=self.max_job_attempts):
+            if self.pool is not None:
+                self.pool.wake()
+
+    def _retention(self) -> None:
+        """Delete received images of studies whose results were delivered long enough ago."""
+        days = self.config.node.retention_days
+        if days is None:
+            return
+        cutoff = utcnow() - timedelta(days=days)
+        with self.sessions() as session:
+            studies = session.execute(
+                select(Study.id, Study.study_instance_uid).where(
+                    Study.state.in_([StudyState.PROCESSED, StudyState.UNROUTED]),
+                    Study.last_received_at < cutoff,
+                )
+            ).all()
+            for study_id, study_uid in studies:
+                pending = session.execute(
+                    select(Delivery.id)
+                    .join(Delivery.result)
+                    .join(Job)
+                    .where(Job.study_id == study_id, Delivery.state == DeliveryState.PENDING)
+                ).first()
+                running = session.execute(
+                    select(Job.id).where(Job.study_id == study_id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+                ).first()
+                if pending is None and running is None:
+                    self._forget_images(study_id, study_uid)
+
+    def _forget_images(self, study_id: int, study_uid: str) -> None:
+        with self.sessions() as session, session.begin():
+            series_ids = select(Series.id).where(Series.study_id == study_id)
+            removed = session.execute(delete(Instance).where(Instance.series_id.in_(series_ids))).rowcount
+            study = session.get(Study, study_id)
+            if study is not None:
+                study.note = f"received images removed by retention ({removed} instances)"
+        self.spool.remove_study(study_uid)
+        log.info("retention: removed %d received images of study %s", removed, study_uid)

@@ -1,0 +1,321 @@
+"""The node's configuration: one YAML file, validated once at start, overridable by environment.
+
+Every key may be overridden by ``AINODE_<SECTION>__<KEY>`` (double underscores between
+levels), e.g. ``AINODE_NODE__PORT=11113`` or ``AINODE_PEERS__PACS__PORT=4243``; values are
+read as YAML scalars, so ``AINODE_NODE__ALLOWED_CALLERS='[CT1, PACS@10.0.0.5]'`` gives a list.
+A bad config is one :class:`ConfigError` naming each bad key and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
+
+DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
+ENV_PREFIX = "AINODE_"
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is the message shown to the administrator."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_ae_title(value: str) -> str:
+    # PS3.5 6.2: AE is at most 16 characters of the default repertoire, no backslash or
+    # control characters, and leading/trailing spaces are not significant.
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("an AE title cannot be empty or all spaces")
+    if len(stripped) > 16:
+        raise ValueError(f"an AE title has at most 16 characters ({stripped!r} has {len(stripped)})")
+    if "\\" in stripped or any(ord(c) < 32 or ord(c) > 126 for c in stripped):
+        raise ValueError(f"{stripped!r}: AE titles cannot contain backslashes or control/non-ASCII characters")
+    return stripped
+
+
+AETitle = Annotated[str, Field(description="DICOM AE title")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+OutputName = Literal["seg", "sr", "sc"]
+
+
+class NodeSettings(_Strict):
+    ae_title: AETitle = "AINODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    spool_dir: Path = Path("./var/spool")
+    database_url: str = "sqlite:///./var/ainode.db"
+    #: Empty: any caller. Else AE titles, optionally tied to a host: "CT1" or "PACS@10.0.0.5".
+    allowed_callers: list[str] = []
+    workers: int = Field(2, ge=1, le=64)
+    role: Literal["all", "receiver", "worker"] = "all"
+    models_dirs: list[Path] = []
+    #: DICOM UID of this node as a device; None: derived from the AE title and host name.
+    device_uid: str | None = None
+    station_name: str | None = None
+    institution_name: str | None = None
+    late_instances: Literal["new-version", "ignore"] = "new-version"
+    #: Received images are deleted this many days after their study's results were delivered; None: kept.
+    retention_days: float | None = Field(None, gt=0)
+    #: Maximum PDU size we receive (0 = unlimited, pynetdicom semantics).
+    max_pdu: int = Field(0, ge=0)
+    acse_timeout_s: float = Field(30, gt=0)
+    dimse_timeout_s: float = Field(60, gt=0)
+    network_timeout_s: float = Field(60, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _callers(cls, v: list[str]) -> list[str]:
+        out = []
+        for entry in v:
+            ae, sep, host = entry.partition("@")
+            ae = _check_ae_title(ae)
+            if sep and not host.strip():
+                raise ValueError(f"{entry!r}: a host must follow '@'")
+            out.append(f"{ae}@{host.strip()}" if sep else ae)
+        return out
+
+    @field_validator("device_uid")
+    @classmethod
+    def _uid(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)*", v) or (v and len(v) > 64):
+            raise ValueError(f"{v!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+        return v
+
+    def caller_allowed(self, ae_title: str, host: str | None) -> bool:
+        if not self.allowed_callers:
+            return True
+        ae_title = ae_title.strip()
+        for entry in self.allowed_callers:
+            ae, _, h = entry.partition("@")
+            if ae == ae_title and (not h or h == host):
+                return True
+        return False
+
+
+class RuntimeSettings(_Strict):
+    #: "auto": TensorRT / CUDA when onnxruntime-gpu and a GPU are present, else CPU.
+    providers: Literal["auto"] | list[str] = "auto"
+    intra_op_threads: int | None = Field(None, ge=1)
+    inter_op_threads: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+
+
+class Peer(_Strict):
+    ae_title: AETitle
+    host: str
+    port: Port
+    #: The peer sends one whole study per association ("send to AI"): process it at release.
+    complete_on_release: bool = False
+    #: Which result objects this destination gets.
+    outputs: set[OutputName] = {"seg", "sr"}
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+
+class RetryPolicy(_Strict):
+    initial_delay_s: float = Field(10, gt=0)
+    factor: float = Field(2, ge=1)
+    max_delay_s: float = Field(3600, gt=0)
+    #: Default: keep retrying for 24 h.
+    give_up_after_s: float = Field(86400, gt=0)
+
+
+class Condition(_Strict):
+    """One condition on a tag: exactly one of equals, one_of, regex, range."""
+
+    equals: str | float | None = None
+    one_of: list[str | float] | None = None
+    regex: str | None = None
+    range: tuple[float | None, float | None] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Condition:
+        given = [k for k in ("equals", "one_of", "regex", "range") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a condition needs exactly one of equals, one_of, regex, range (got {given or 'none'})")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {self.regex!r}: {exc}") from exc
+        return self
+
+
+def tag_of(key: str) -> int:
+    """A route key as a DICOM tag: a keyword ("Modality") or "(0018,0050)" / "00180050"."""
+    m = re.fullmatch(r"\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?", key.strip())
+    if m:
+        return int(m.group(1) + m.group(2), 16)
+    tag = tag_for_keyword(key)
+    if tag is None:
+        raise ValueError(f"{key!r} is not a DICOM keyword or tag")
+    return tag
+
+
+class Route(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    #: Keyword (or tag) -> condition; a bare value means "equals", a list means "one of".
+    match: dict[str, Condition] = {}
+    pipeline: str = Field(min_length=1)
+    destinations: list[str] = ["sender"]
+    stable_after_s: float = Field(5, gt=0)
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for key, cond in v.items():
+            tag_of(str(key))
+            if isinstance(cond, list):
+                cond = {"one_of": cond}
+            elif not isinstance(cond, dict):
+                cond = {"equals": cond}
+            out[str(key)] = cond
+        return out
+
+    def conditions(self) -> list[tuple[str, int, Condition]]:
+        """(name for messages, tag, condition) in the order written."""
+        return [(keyword_for_tag(tag_of(k)) or k, tag_of(k), c) for k, c in self.match.items()]
+
+
+class Config(_Strict):
+    node: NodeSettings = NodeSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    peers: dict[str, Peer] = {}
+    routes: list[Route] = []
+    delivery: RetryPolicy = RetryPolicy()
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        names = set()
+        for i, route in enumerate(self.routes):
+            if route.name in names:
+                raise ValueError(f"routes.{i}: duplicate route name {route.name!r}")
+            names.add(route.name)
+            for dest in route.destinations:
+                if dest != "sender" and dest not in self.peers:
+                    known = ", ".join(sorted(self.peers)) or "none"
+                    raise ValueError(
+                        f"routes.{i} ({route.name}): destination {dest!r} is neither 'sender' nor a peer "
+                        f"(peers: {known})"
+                    )
+        if "sender" in self.peers:
+            raise ValueError("peers: 'sender' is reserved for the calling peer; choose another name")
+        return self
+
+    def peer_for_caller(self, ae_title: str, host: str | None) -> tuple[str, Peer] | None:
+        """The peer whose AE title called us ("sender"), preferring one whose host matches."""
+        ae_title = ae_title.strip()
+        matches = [(n, p) for n, p in self.peers.items() if p.ae_title == ae_title]
+        for name, peer in matches:
+            if host is not None and peer.host == host:
+                return name, peer
+        return matches[0] if matches else None
+
+
+# -- loading -----------------------------------------------------------------------------------
+def _env_overrides(env: Mapping[str, str]) -> list[tuple[list[str], Any, str]]:
+    out = []
+    for var, raw in env.items():
+        if not var.startswith(ENV_PREFIX) or var == "AINODE_CONFIG" or "__" not in var:
+            continue
+        path = [part.lower() for part in var[len(ENV_PREFIX) :].split("__")]
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((path, value, var))
+    return out
+
+
+def _apply(data: dict[str, Any], path: list[str], value: Any, var: str) -> None:
+    node: Any = data
+    for i, key in enumerate(path[:-1]):
+        nxt = node.get(key) if isinstance(node, dict) else None
+        if nxt is None:
+            nxt = {}
+            node[key] = nxt
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"config error: {var}: {'.'.join(path[: i + 1])} is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith(("function-", "tagged-"))))
+
+
+def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    if path is None and env.get("AINODE_CONFIG"):
+        path = env["AINODE_CONFIG"]
+    source = Path(path) if path is not None else DEFAULT_CONFIG
+    where = f"config error in {source}"
+    try:
+        text = source.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read the file: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections (node, peers, routes, ...)")
+    for key_path, value, var in _env_overrides(env):
+        _apply(data, key_path, value, var)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = _location(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check its spelling)"
+            got = err.get("input")
+            shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{where}: {loc + ': ' if loc else ''}{msg}{shown}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def check_config_command(path: Path | str) -> tuple[int, str]:
+    """``ainode config check FILE``: exit code (0 or 2) and the message to print."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        return 2, str(exc)
+    n = cfg.node
+    peers = ", ".join(f"{k}={p.ae_title}@{p.host}:{p.port}" for k, p in cfg.peers.items()) or "none"
+    routes = "; ".join(f"{r.name} -> {r.pipeline} -> {','.join(r.destinations)}" for r in cfg.routes) or "none"
+    return 0, (
+        f"config OK: {path}\n  AE title {n.ae_title}, listening on {n.host}:{n.port}, {n.workers} workers, "
+        f"role {n.role}\n  database {n.database_url.split('@')[-1]}\n  peers: {peers}\n  routes: {routes}"
+    )

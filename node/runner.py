@@ -1,0 +1,56 @@
+"""The default StudyRunner: series selection, volume, ONNX pipeline, DICOM writers.
+
+It glues the pure core together for one job: pick the series the model wants, load it,
+run the model, turn the result into DICOM objects. Unsuitable input ends as "not analysed"
+with the pipeline's own reason; anything else that goes wrong is an exception that fails
+the job (worker.py) and leaves the node serving.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pydicom import dcmread
+
+from node.worker import RunOutcome
+from pipelines.dicom import Equipment, OutputKind, write_results
+from pipelines.results import NotAnalysable, NotAnalysed
+from pipelines.run import run_pipeline
+from pipelines.runtime import ModelRegistry
+from pipelines.select import select_series
+from pipelines.volume import load_volume
+
+
+class OnnxStudyRunner:
+    def __init__(self, registry: ModelRegistry, equipment: Equipment, *, omit_empty_frames: bool = False) -> None:
+        self.registry = registry
+        self.equipment = equipment
+        self.omit_empty_frames = omit_empty_frames
+
+    def run(self, pipeline: str, series_files: Mapping[str, Sequence[Path]], outputs: set[str]) -> RunOutcome:
+        model = self.registry.get(pipeline)
+        manifest = model.manifest
+        headers = {uid: [dcmread(p, stop_before_pixels=True) for p in paths] for uid, paths in series_files.items()}
+        try:
+            chosen = select_series(
+                headers, task=str(getattr(manifest.task, "value", manifest.task)), modalities=list(manifest.modalities)
+            )
+            datasets = [dcmread(p) for p in series_files[chosen]]
+            volume = load_volume(datasets)
+        except NotAnalysable as exc:
+            return RunOutcome(not_analysed=str(exc.outcome))
+        t0 = time.monotonic()
+        result = run_pipeline(model, volume)
+        model_s = time.monotonic() - t0
+        if isinstance(result, NotAnalysed):
+            return RunOutcome(not_analysed=str(result), model_s=model_s)
+        objects = write_results(
+            result,
+            datasets,
+            self.equipment,
+            [OutputKind(o) for o in sorted(outputs)],
+            omit_empty_frames=self.omit_empty_frames,
+        )
+        return RunOutcome(datasets=list(objects), model_s=model_s)

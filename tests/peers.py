@@ -1,0 +1,296 @@
+"""Real peers for the tests, on loopback in temp dirs: DCMTK, Orthanc, PostgreSQL, dciodvfy.
+
+Nothing here is a mock: these are the programs a hospital runs. DCMTK is called by its full
+path because pynetdicom installs console scripts with the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+REPO = Path(__file__).resolve().parents[1]
+DCMTK = Path("/usr/bin")
+ORTHANC = Path("/usr/sbin/Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+DCIODVFY = Path("/usr/bin/dciodvfy")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ct_dir() -> Path:
+    """The real chest CT (TCIA Lung-PET-CT-Dx A0002, CC BY 4.0), read in place; skip when absent."""
+    import pytest
+
+    path = Path(os.environ.get("AINODE_TEST_CT_DIR", REPO.parent / "shared" / "data" / "ct-chest-tcia-A0002"))
+    if not path.is_dir() or not any(path.rglob("*.dcm")):
+        pytest.skip(f"real CT data missing: {path} (set AINODE_TEST_CT_DIR to a folder of CT series)")
+    return path
+
+
+# -- DCMTK ---------------------------------------------------------------------------------------
+def storescu(
+    files: Path | str | Sequence[Path | str],
+    port: int,
+    *,
+    called_ae: str = "AINODE",
+    calling_ae: str = "STORESCU",
+    host: str = "127.0.0.1",
+    extra_args: Iterable[str] = (),
+    timeout_s: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu as a scanner. Folders are sent recursively (+sd +r).
+
+    storescu proposes only uncompressed syntaxes by default: pass ``-R`` (propose the files'
+    own SOP classes and transfer syntaxes), ``-xs`` JPEG lossless, ``-xv`` J2K, ``-xr`` RLE, ...
+    """
+    paths = [files] if isinstance(files, str | Path) else list(files)
+    args = [str(DCMTK / "storescu"), "-aet", calling_ae, "-aec", called_ae, *extra_args]
+    if any(Path(p).is_dir() for p in paths):
+        args += ["+sd", "+r"]
+    args += [host, str(port), *map(str, paths)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
+
+
+def echoscu(
+    port: int, *, called_ae: str = "AINODE", calling_ae: str = "ECHOSCU", host: str = "127.0.0.1"
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(DCMTK / "echoscu"), "-aet", calling_ae, "-aec", called_ae, host, str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def dciodvfy_errors(path: Path | str) -> list[str]:
+    """Lines starting with "Error" that dicom3tools' dciodvfy prints for ``path``."""
+    out = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=300)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+# -- Orthanc -------------------------------------------------------------------------------------
+class OrthancServer:
+    """Orthanc 1.10 with its DICOMweb plugin, on free loopback ports, storing in a temp dir.
+
+    Stop and start again on the same storage to play a PACS that is down for a while.
+    """
+
+    def __init__(self, workdir: Path | None = None, aet: str = "ORTHANC") -> None:
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="orthanc-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.aet = aet
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.config_path = self.workdir / "orthanc.json"
+        self.modalities: dict[str, list[Any]] = {}
+        self._write_config()
+
+    def _write_config(self) -> None:
+        config = {
+            "Name": "test-pacs",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "storage"),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "UnknownSopClassAccepted": True,
+            "DicomModalities": self.modalities,
+            "DicomModalitiesInDatabase": False,
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},
+            "StableAge": 1,
+            "HttpServerEnabled": True,
+            "StorageCompression": False,
+            "LogExportedResources": False,
+        }
+        self.config_path.write_text(json.dumps(config, indent=2))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout_s: float = 60) -> OrthancServer:
+        log = open(self.workdir / "orthanc.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(ORTHANC), str(self.config_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited: {(self.workdir / 'orthanc.log').read_text()[-2000:]}")
+            try:
+                self.rest("/system")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.2)
+        raise TimeoutError("Orthanc did not answer its REST API")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc = None
+
+    def __enter__(self) -> OrthancServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- REST ------------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: bytes | dict | list | None = None) -> bytes:
+        data = json.dumps(body).encode() if isinstance(body, dict | list) else body
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        with urllib.request.urlopen(req, timeout=60) as rsp:
+            return rsp.read()
+
+    def rest(self, path: str, body: Any = None, method: str | None = None) -> Any:
+        raw = self.request(method or ("POST" if body is not None else "GET"), path, body)
+        return json.loads(raw) if raw else None
+
+    def studies(self) -> list[str]:
+        return list(self.rest("/studies"))
+
+    def instances(self) -> list[str]:
+        return list(self.rest("/instances"))
+
+    def find_instances(self, **query: str) -> list[str]:
+        return list(self.rest("/tools/find", {"Level": "Instance", "Query": query}))
+
+    def instance_dataset(self, instance_id: str) -> pydicom.Dataset:
+        return pydicom.dcmread(BytesIO(self.request("GET", f"/instances/{instance_id}/file")))
+
+    def upload(self, path: Path | str) -> str:
+        """Store a file through REST; returns Orthanc's study id."""
+        answer = json.loads(self.request("POST", "/instances", Path(path).read_bytes()))
+        return str(answer["ParentStudy"])
+
+    def clear(self) -> None:
+        for study in self.studies():
+            self.request("DELETE", f"/studies/{study}")
+
+    def add_modality(self, name: str, aet: str, host: str, port: int) -> None:
+        self.rest(f"/modalities/{name}", {"AET": aet, "Host": host, "Port": port}, method="PUT")
+
+    def send_study_to_modality(self, study_id: str, modality: str) -> None:
+        self.rest(f"/modalities/{modality}/store", {"Resources": [study_id], "Synchronous": True})
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+class PostgresServer:
+    """A throw-away PostgreSQL 15 cluster on a free loopback port.
+
+    PostgreSQL refuses to run as root, so when the tests run as root the cluster belongs to
+    the ``postgres`` OS user (created by Debian's package) and its commands run through runuser.
+    """
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ainode-pg-"))
+        self.port = free_port()
+        self.data = self.dir / "data"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+        self._run([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8"])
+
+    def _run(self, cmd: list[str]) -> str:
+        out = subprocess.run(self._as_user + cmd, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr[-2000:]}")
+        return out.stdout
+
+    @property
+    def url(self) -> str:
+        return self.url_for("ainode")
+
+    def url_for(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self, timeout_s: float = 60) -> PostgresServer:
+        log = open(self.dir / "postgres.log", "ab")
+        cmd = [
+            str(PG_BIN / "postgres"),
+            "-D", str(self.data),
+            "-p", str(self.port),
+            "-h", "127.0.0.1",
+            "-k", str(self.dir),
+            "-c", "fsync=off",
+            "-c", "max_connections=200",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(self._as_user + cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready = subprocess.run(
+                [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)], capture_output=True
+            )
+            if ready.returncode == 0:
+                self._ensure_database("ainode")
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited: {(self.dir / 'postgres.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        raise TimeoutError("PostgreSQL did not start")
+
+    def _psql(self, sql: str) -> str:
+        return self._run([str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                          "-d", "postgres", "-tAc", sql])  # fmt: skip
+
+    def _ensure_database(self, name: str) -> None:
+        if not self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'").strip():
+            self._psql(f'CREATE DATABASE "{name}"')
+
+    def create_database(self, name: str) -> str:
+        self._ensure_database(name)
+        return self.url_for(name)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> PostgresServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

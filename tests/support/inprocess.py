@@ -1,0 +1,60 @@
+"""The receiving half of the node in the test process: spool + database + SCP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.engine import make_engine, make_session_factory
+from db.migrate import upgrade
+from db.models import Association, Instance
+from node.ingest import InstanceIndex
+from node.scp import StorageSCP
+from node.spool import Spool
+from tests.peers import free_port
+
+
+@dataclass
+class Receiver:
+    scp: StorageSCP
+    spool: Spool
+    sessions: sessionmaker[Session]
+    port: int
+
+    def instances(self) -> dict[str, Instance]:
+        with self.sessions() as session:
+            return {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
+
+    def associations(self) -> list[Association]:
+        with self.sessions() as session:
+            return list(session.scalars(select(Association).order_by(Association.id)))
+
+    def stop(self) -> None:
+        self.scp.stop()
+
+
+def start_receiver(
+    tmp: Path,
+    *,
+    database_url: str | None = None,
+    allowed_callers: list[str] | None = None,
+    spool: Spool | None = None,
+    late_instances: str = "new-version",
+) -> Receiver:
+    engine = make_engine(database_url or f"sqlite:///{tmp}/node.db")
+    upgrade(engine)
+    sessions = make_session_factory(engine)
+    spool = spool or Spool(tmp / "spool")
+    scp = StorageSCP(
+        ae_title="AINODE",
+        spool=spool,
+        sessions=sessions,
+        index=InstanceIndex(sessions, late_instances),  # type: ignore[arg-type]
+        allowed_callers=allowed_callers,
+    )
+    port = free_port()
+    scp.start("127.0.0.1", port)
+    return Receiver(scp, spool, sessions, port)

@@ -1,0 +1,108 @@
+"""A node running in its own process, started by a test, that the test can kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for_echo(
+    port: int, ae_title: str = "AINODE", timeout_s: float = 60, proc: subprocess.Popen | None = None
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 2
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"node exited with {proc.returncode} before listening")
+        assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+        if assoc.is_established:
+            assoc.release()
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"node on port {port} did not answer C-ECHO within {timeout_s} s")
+
+
+class NodeProcess:
+    """``ainode serve``-equivalent subprocess with the tests' pipeline runner.
+
+    Parameters
+    ----------
+    config
+        Config as a dict (written to ``workdir/config.yaml``).
+    cli
+        Run the real ``ainode serve`` instead of the test launcher (real pipelines).
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cli: bool = False,
+        job_lease_s: float = 120.0,
+        preexec_fn: Any = None,
+    ) -> None:
+        self.config = config
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.workdir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.cli = cli
+        self.job_lease_s = job_lease_s
+        self.preexec_fn = preexec_fn
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.workdir / "node.log"
+        self.port = int(config["node"]["port"])
+        self.ae_title = config["node"].get("ae_title", "AINODE")
+
+    def start(self, wait: bool = True) -> NodeProcess:
+        if self.cli:
+            cmd = [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)]
+        else:
+            cmd = [sys.executable, "-m", "tests.support.launch_node", str(self.config_path), str(self.job_lease_s)]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.preexec_fn
+        )
+        if wait:
+            wait_for_echo(self.port, self.ae_title, proc=self.proc)
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

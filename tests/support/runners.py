@@ -1,0 +1,65 @@
+"""Pipelines defined inside tests only, for the node's own tests (issue 2).
+
+They make real DICOM objects (a highdicom Secondary Capture in the source study) without
+a model, so the receive -> assemble -> job -> outbox -> PACS path can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
+
+from node.worker import RunOutcome
+
+
+class ThumbnailRunner:
+    """Makes one Secondary Capture: the middle image of the largest series, 8-bit, in the source study.
+
+    ``AINODE_TEST_RUNNER_DELAY_S`` makes it sleep first, so a test can kill the node mid-job.
+    ``AINODE_TEST_RUNNER_FAIL`` (a pipeline name) makes that pipeline raise.
+    """
+
+    def run(self, pipeline: str, series_files: Mapping[str, Sequence[Path]], outputs: set[str]) -> RunOutcome:
+        if pipeline == os.environ.get("AINODE_TEST_RUNNER_FAIL"):
+            raise RuntimeError(f"pipeline {pipeline} crashed on purpose")
+        delay = float(os.environ.get("AINODE_TEST_RUNNER_DELAY_S", "0"))
+        if delay:
+            time.sleep(delay)
+        series_uid = max(series_files, key=lambda uid: len(series_files[uid]))
+        files = sorted(series_files[series_uid])
+        source = dcmread(files[len(files) // 2])
+        if "PixelData" not in source:
+            return RunOutcome(not_analysed="missing-pixel-data: the chosen image has no pixels")
+        t0 = time.monotonic()
+        pixels = source.pixel_array.astype(np.float32)
+        if pixels.ndim == 3 and source.get("SamplesPerPixel", 1) == 1:
+            pixels = pixels[0]
+        lo, hi = float(pixels.min()), float(pixels.max())
+        img = ((pixels - lo) / max(hi - lo, 1.0) * 255).astype(np.uint8)
+        if img.ndim == 3:
+            img = img[..., 0]
+        model_s = time.monotonic() - t0
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=img,
+            photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            patient_orientation=("L", "P"),
+            pixel_spacing=tuple(float(v) for v in source.get("PixelSpacing", [1, 1])),
+            series_instance_uid=hd.UID(),
+            sop_instance_uid=hd.UID(),
+            series_number=990,
+            instance_number=1,
+            manufacturer="dicom-ai-node",
+            series_description=f"test pipeline {pipeline}",
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
+        return RunOutcome(datasets=[sc], model_s=model_s)
