@@ -19,3 +19,7 @@ def setup_logging(level: str = "INFO") -> None:
     # pynetdicom logs every PDU at INFO; its association events are summarised by ours.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Library warnings (pydicom, highdicom) quote attribute values — patient names among
+    # them — so they are logged only when DEBUG is asked for.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.ERROR)
