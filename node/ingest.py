@@ -70,8 +70,9 @@ class InstanceIndex:
         self._series_ids: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def _study_row(self, session: Session, inst: ReceivedInstance, calling_ae: str | None,
-                   calling_host: str | None, now: datetime) -> Row:
+    def _study_row(
+        self, session: Session, inst: ReceivedInstance, calling_ae: str | None, calling_host: str | None, now: datetime
+    ) -> Row:
         query = (
             select(Study.id, Study.state, Study.version)
             .where(Study.study_instance_uid == inst.study_instance_uid)

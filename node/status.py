@@ -93,8 +93,7 @@ def format_status(status: dict[str, Any]) -> str:
     for s in status["studies"]:
         lines.append(
             f"{s['study_instance_uid']:<64} {s['state']:<11} {s['version']:>1} {s['instances']:>5}  "
-            f"{s['sender'] or '-'}"
-            + (f"  ({s['note']})" if s["note"] else "")
+            f"{s['sender'] or '-'}" + (f"  ({s['note']})" if s["note"] else "")
         )
     lines.append("")
     lines.append("JOB  STATE           ROUTE/PIPELINE                 TRIES  REASON")
