@@ -90,9 +90,13 @@ def status(node: NodeProcess) -> dict:
     return json.loads(out.stdout)
 
 
-def test_quiet_study_is_processed_and_its_result_reaches_orthanc(tmp_path, orthanc, ct_dir):
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_quiet_study_is_processed_and_its_result_reaches_orthanc(tmp_path, orthanc, ct_dir, database, request):
     orthanc.clear()
-    with NodeProcess(node_config(tmp_path, orthanc), tmp_path / "n") as node:
+    config = node_config(tmp_path, orthanc)
+    if database == "postgresql":
+        config["node"]["database_url"] = request.getfixturevalue("postgres_url")
+    with NodeProcess(config, tmp_path / "n") as node:
         assert storescu(ct_dir, node.port, called_ae="AINODE", calling_ae="CTSCANNER").returncode == 0
         results = wait_for(lambda: results_in_orthanc(orthanc, CT_STUDY_UID), what="result in Orthanc", node=node)
         (sc,) = results
