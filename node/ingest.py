@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, bindparam, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance, Series, Study, StudyState, utcnow
+from db.models import Instance, Series, Study, StudyState, UtcDateTime, utcnow
 from node.spool import Spool
 
 log = logging.getLogger("ainode.ingest")
@@ -52,6 +52,21 @@ class IndexOutcome:
     ignored_late: bool
 
 
+# The hot path's statements, built once: constructing SQLAlchemy statements per C-STORE cost
+# more than executing them. ON CONFLICT ... DO NOTHING is spelled the same in SQLite and PostgreSQL.
+_SELECT_STUDY = text("SELECT id, state, version FROM studies WHERE study_instance_uid = :uid")
+_SELECT_STUDY_FOR_UPDATE = text("SELECT id, state, version FROM studies WHERE study_instance_uid = :uid FOR UPDATE")
+_INSERT_INSTANCE = text(
+    "INSERT INTO instances (series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, path, size_bytes,"
+    " study_version, received_at, association_id) VALUES (:series_id, :sop_instance_uid, :sop_class_uid,"
+    " :transfer_syntax_uid, :path, :size_bytes, :study_version, :received_at, :association_id)"
+    " ON CONFLICT (sop_instance_uid) DO NOTHING"
+).bindparams(bindparam("received_at", type_=UtcDateTime()))
+_BUMP_STUDY = text(
+    "UPDATE studies SET last_received_at = :now, instance_count = instance_count + 1 WHERE id = :id"
+).bindparams(bindparam("now", type_=UtcDateTime()))
+
+
 def _dialect_insert(session: Session):  # type: ignore[no-untyped-def]
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
@@ -73,14 +88,10 @@ class InstanceIndex:
     def _study_row(
         self, session: Session, inst: ReceivedInstance, calling_ae: str | None, calling_host: str | None, now: datetime
     ) -> Row:
-        query = (
-            select(Study.id, Study.state, Study.version)
-            .where(Study.study_instance_uid == inst.study_instance_uid)
-            # Lock the study row (PostgreSQL) so that concurrent associations of the same
-            # study serialise their version decisions; SQLite's BEGIN IMMEDIATE already does.
-            .with_for_update()
-        )
-        row = session.execute(query).first()
+        # Lock the study row (PostgreSQL) so that concurrent associations of the same study
+        # serialise their version decisions; SQLite's BEGIN IMMEDIATE already does.
+        query = _SELECT_STUDY_FOR_UPDATE if session.get_bind().dialect.name == "postgresql" else _SELECT_STUDY
+        row = session.execute(query, {"uid": inst.study_instance_uid}).first()
         if row is None:
             insert = _dialect_insert(session)
             session.execute(
@@ -100,7 +111,7 @@ class InstanceIndex:
                 )
                 .on_conflict_do_nothing(index_elements=["study_instance_uid"])
             )
-            row = session.execute(query).one()
+            row = session.execute(query, {"uid": inst.study_instance_uid}).one()
         return row
 
     def _series_id(self, session: Session, inst: ReceivedInstance, study_id: int) -> int:
@@ -145,19 +156,18 @@ class InstanceIndex:
                 version += 1
             series_id = self._series_id(session, inst, study.id)
             inserted = session.execute(
-                _dialect_insert(session)(Instance)
-                .values(
-                    series_id=series_id,
-                    sop_instance_uid=inst.sop_instance_uid,
-                    sop_class_uid=inst.sop_class_uid,
-                    transfer_syntax_uid=inst.transfer_syntax_uid,
-                    path=inst.relpath,
-                    size_bytes=inst.size_bytes,
-                    study_version=version,
-                    received_at=now,
-                    association_id=association_id,
-                )
-                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                _INSERT_INSTANCE,
+                {
+                    "series_id": series_id,
+                    "sop_instance_uid": inst.sop_instance_uid,
+                    "sop_class_uid": inst.sop_class_uid,
+                    "transfer_syntax_uid": inst.transfer_syntax_uid,
+                    "path": inst.relpath,
+                    "size_bytes": inst.size_bytes,
+                    "study_version": version,
+                    "received_at": now,
+                    "association_id": association_id,
+                },
             ).rowcount
             if not inserted:
                 # Same SOP Instance UID again: idempotent. The file was rewritten in place;
@@ -168,19 +178,22 @@ class InstanceIndex:
                     .values(size_bytes=inst.size_bytes, received_at=now, association_id=association_id)
                 )
                 return IndexOutcome(study.id, study.version, True, False, False)
+            if receiving:
+                session.execute(_BUMP_STUDY, {"now": now, "id": study.id})
+                return IndexOutcome(study.id, version, False, False, False)
+            # A late instance: the study was complete already.
             values: dict[str, object] = {"last_received_at": now, "instance_count": Study.instance_count + 1}
-            if not receiving:
-                if self.late_instances == "new-version":
-                    new_version = True
-                    values.update(
-                        state=StudyState.RECEIVING.value,
-                        version=version,
-                        complete_requested=False,
-                        sender_ae=calling_ae,
-                        sender_host=calling_host,
-                    )
-                else:
-                    ignored = True
+            if self.late_instances == "new-version":
+                new_version = True
+                values.update(
+                    state=StudyState.RECEIVING.value,
+                    version=version,
+                    complete_requested=False,
+                    sender_ae=calling_ae,
+                    sender_host=calling_host,
+                )
+            else:
+                ignored = True
             session.execute(update(Study).where(Study.id == study.id).values(**values))
         if new_version:
             log.info("study %s re-opened as version %d by a late instance", inst.study_instance_uid, version)
