@@ -1,0 +1,235 @@
+"""Segmentation pipeline: a CT (or any) volume -> label map aligned with its slices, plus statistics.
+
+The network sees 2D slices in the standard radiological orientation (rows run anterior to
+posterior, columns patient right to left), in batches; its per-class probabilities are resampled
+linearly back to the image grid before the argmax, so the mask edge is not blocky. Post-processing
+keeps the largest 3D components and fills holes slice by slice as the manifest asks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from pipelines.manifest import ModelManifest, OutputKind
+from pipelines.preprocess import apply_window, normalise_intensity, resample_to_spacing, resize_slices
+from pipelines.results import (
+    ModelIdentity,
+    NotAnalysable,
+    NotAnalysedReason,
+    SegmentationResult,
+    SegmentDefinition,
+    SegmentStatistics,
+)
+from pipelines.runtime import LoadedModel
+from pipelines.volume import Volume
+
+DEFAULT_BATCH_SIZE = 16
+
+
+def model_identity(manifest: ModelManifest) -> ModelIdentity:
+    return ModelIdentity(name=manifest.name, version=manifest.version)
+
+
+def check_modality(manifest: ModelManifest, volume: Volume) -> None:
+    if volume.modality not in manifest.modalities:
+        raise NotAnalysable(
+            NotAnalysedReason.WRONG_MODALITY,
+            f"model {manifest.name} takes {', '.join(manifest.modalities)}, series is {volume.modality}",
+        )
+    if volume.pixels.ndim != 3 or volume.pixels.shape[0] == 0 or min(volume.pixels.shape[1:]) < 8:
+        raise NotAnalysable(NotAnalysedReason.MISSING_PIXEL_DATA, f"no usable image in array {volume.pixels.shape}")
+
+
+def standard_flips(volume: Volume) -> tuple[bool, bool]:
+    """Whether rows / columns must be flipped to show the patient as the models were trained.
+
+    Trained orientation: columns run to the patient's left (+x in LPS) and rows to posterior (+y).
+    Axial series acquired feet-first or reconstructed mirrored differ only by such flips.
+    """
+    row_dir, col_dir = np.asarray(volume.row_direction, float), np.asarray(volume.column_direction, float)
+    if abs(volume.slice_direction[2]) < 0.8:
+        raise NotAnalysable(
+            NotAnalysedReason.NO_SUITABLE_SERIES,
+            f"slices are not axial (normal {np.round(np.asarray(volume.slice_direction, float), 2).tolist()})",
+        )
+    return bool(col_dir[1] < 0), bool(row_dir[0] < 0)
+
+
+def model_input(manifest: ModelManifest, pixels: np.ndarray, spacing_rc_mm: tuple[float, float]) -> np.ndarray:
+    """Slices (B, rows, cols) in modality units -> the network input tensor (B, C, H, W)."""
+    pre = manifest.preprocessing
+    if pre.hu_window is not None:
+        x = apply_window(pixels, pre.hu_window.center, pre.hu_window.width)
+    elif pre.normalisation is not None:
+        norm = pre.normalisation
+        x = np.stack([normalise_intensity(s, norm.method, norm.low_percentile, norm.high_percentile) for s in pixels])
+    else:
+        x = pixels.astype(np.float32)
+    size = (pre.size[0], pre.size[1])
+    if pre.spacing_mm is not None:
+        x = resample_to_spacing(x, spacing_rc_mm, (pre.spacing_mm[0], pre.spacing_mm[1]), size)
+    else:
+        x = resize_slices(x, size)
+    x = np.repeat(x[:, None], pre.channels, axis=1)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _to_image_grid(manifest: ModelManifest, maps: np.ndarray, shape: tuple[int, int], spacing_rc_mm) -> np.ndarray:
+    """Undo the input geometry (resize, or resample + crop) for (B, C, h, w) maps."""
+    pre = manifest.preprocessing
+    if pre.spacing_mm is None:
+        return resize_slices(maps, shape)
+    # The model grid covers size * target spacing around the image centre.
+    zoom = [1.0, 1.0, pre.spacing_mm[0] / spacing_rc_mm[0], pre.spacing_mm[1] / spacing_rc_mm[1]]
+    full = ndi.zoom(maps, zoom, order=1, grid_mode=True, mode="nearest")
+    out = np.zeros((*maps.shape[:2], *shape), np.float32)
+    out[:, 0] = 1.0  # background outside the model's field of view
+    r, c = min(full.shape[2], shape[0]), min(full.shape[3], shape[1])
+    sr, sc = (full.shape[2] - r) // 2, (full.shape[3] - c) // 2
+    dr, dc = (shape[0] - r) // 2, (shape[1] - c) // 2
+    out[:, :, dr : dr + r, dc : dc + c] = full[:, :, sr : sr + r, sc : sc + c]
+    return out
+
+
+def infer_labelmap(model: LoadedModel, volume: Volume, batch_size: int | None = None) -> np.ndarray:
+    """Run the network slice batch by slice batch; returns a uint8/uint16 label map like ``volume.pixels``."""
+    manifest = model.manifest
+    flip_rows, flip_cols = standard_flips(volume)
+    pixels = volume.pixels
+    n, rows, cols = pixels.shape
+    spacing_rc = (float(volume.spacing_mm[1]), float(volume.spacing_mm[2]))
+    out = manifest.outputs[0]
+    numbers = np.array([0] + [label.number for label in out.labels])
+    labelmap = np.zeros(pixels.shape, dtype=np.uint8 if numbers.max() < 256 else np.uint16)
+    batch = batch_size or manifest.batch_size or DEFAULT_BATCH_SIZE
+    for start in range(0, n, batch):
+        chunk = pixels[start : start + batch]
+        if flip_rows:
+            chunk = chunk[:, ::-1]
+        if flip_cols:
+            chunk = chunk[:, :, ::-1]
+        result = model.run(model_input(manifest, chunk, spacing_rc))[0]
+        if out.kind is OutputKind.LABELMAP:
+            low = result.reshape(result.shape[0], *result.shape[-2:]).astype(np.float32)[:, None]
+            grid = _nearest_to_grid(low[:, 0], (rows, cols))
+        else:
+            # Class index k of the output channel axis is label number k (0 = background).
+            grid = numbers[_to_image_grid(manifest, result.astype(np.float32), (rows, cols), spacing_rc).argmax(1)]
+        if flip_rows:
+            grid = grid[:, ::-1]
+        if flip_cols:
+            grid = grid[:, :, ::-1]
+        labelmap[start : start + len(chunk)] = grid
+    return labelmap
+
+
+def _nearest_to_grid(low: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    r_idx = np.minimum((np.arange(shape[0]) + 0.5) * low.shape[1] / shape[0], low.shape[1] - 1).astype(int)
+    c_idx = np.minimum((np.arange(shape[1]) + 0.5) * low.shape[2] / shape[1], low.shape[2] - 1).astype(int)
+    return low[:, r_idx][:, :, c_idx].astype(np.int64)
+
+
+def postprocess(labelmap: np.ndarray, manifest: ModelManifest) -> np.ndarray:
+    """Keep the largest 3D components of each segment and fill holes slice by slice, in place."""
+    post = manifest.postprocessing
+    for label in manifest.segment_labels:
+        mask = labelmap == label.number
+        if not mask.any():
+            continue
+        if post.largest_components:
+            components, n = ndi.label(mask)
+            if n > post.largest_components:
+                sizes = np.bincount(components.ravel())[1:]
+                keep = np.argsort(sizes)[::-1][: post.largest_components] + 1
+                labelmap[mask & ~np.isin(components, keep)] = 0
+                mask = labelmap == label.number
+        if post.fill_holes:
+            for k in np.flatnonzero(mask.any(axis=(1, 2))):
+                filled = ndi.binary_fill_holes(mask[k])
+                # Only background holes become this segment; another segment inside stays itself.
+                labelmap[k][filled & (labelmap[k] == 0)] = label.number
+    return labelmap
+
+
+def trace_outline(mask: np.ndarray) -> np.ndarray:
+    """Outer boundary of the largest 8-connected region of a 2D mask (Moore-neighbour tracing).
+
+    Returns
+    -------
+    numpy.ndarray
+        (points, 2) float array of (column, row) in DICOM image coordinates (the centre of the
+        top-left pixel is (0.5, 0.5), as SCOORD uses); the polygon is closed (last point = first).
+    """
+    components, n = ndi.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return np.zeros((0, 2))
+    largest = 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+    m = np.pad(components == largest, 1)
+    rows, cols = np.nonzero(m)
+    start = (int(rows[0]), int(cols[0]))  # topmost, then leftmost: its west neighbour is background
+    # Clockwise on screen (rows grow downwards), starting west.
+    dirs = [(0, -1), (-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1)]
+    points = [start]
+    current, back = start, 0
+    for _ in range(4 * m.size):
+        for i in range(8):
+            d = (back + i) % 8
+            nxt = (current[0] + dirs[d][0], current[1] + dirs[d][1])
+            if m[nxt]:
+                prev = dirs[(back + i - 1) % 8]
+                back = dirs.index((current[0] + prev[0] - nxt[0], current[1] + prev[1] - nxt[1]))
+                current = nxt
+                break
+        else:
+            break  # a single isolated pixel
+        if current == start:
+            break
+        points.append(current)
+    points.append(start)
+    rc = np.asarray(points, dtype=float) - 1.0  # undo the padding
+    return np.stack([rc[:, 1] + 0.5, rc[:, 0] + 0.5], axis=1)
+
+
+def segment_statistics(volume: Volume, labelmap: np.ndarray, number: int) -> SegmentStatistics:
+    mask = labelmap == number
+    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
+    count = int(mask.sum())
+    per_slice = mask.sum(axis=(1, 2))
+    largest = int(np.argmax(per_slice))
+    mean = float(volume.pixels[mask].mean()) if count else 0.0
+    return SegmentStatistics(
+        number=number,
+        volume_ml=count * voxel_ml,
+        mean_intensity=mean,
+        intensity_unit="[hnsf'U]" if volume.modality == "CT" else "1",
+        largest_slice_index=largest,
+        outline_rc=trace_outline(mask[largest]) if count else np.zeros((0, 2)),
+    )
+
+
+def segment(model: LoadedModel, volume: Volume, batch_size: int | None = None) -> SegmentationResult:
+    """Segment ``volume`` with a segmentation model.
+
+    Raises
+    ------
+    NotAnalysable
+        Wrong modality, no pixels, or slices that are not axial.
+    """
+    manifest = model.manifest
+    check_modality(manifest, volume)
+    labelmap = postprocess(infer_labelmap(model, volume, batch_size), manifest)
+    segments = [
+        SegmentDefinition(
+            number=label.number,
+            label=label.name,
+            category=label.category.to_code(),
+            property_type=label.type.to_code(),
+            laterality=label.laterality.to_code() if label.laterality else None,
+        )
+        for label in manifest.segment_labels
+    ]
+    statistics = [segment_statistics(volume, labelmap, s.number) for s in segments]
+    return SegmentationResult(
+        model=model_identity(manifest), volume=volume, labelmap=labelmap, segments=segments, statistics=statistics
+    )
