@@ -8,6 +8,8 @@ keeps the largest 3D components and fills holes slice by slice as the manifest a
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -92,8 +94,15 @@ def _to_image_grid(manifest: ModelManifest, maps: np.ndarray, shape: tuple[int, 
     return out
 
 
-def infer_labelmap(model: LoadedModel, volume: Volume, batch_size: int | None = None) -> np.ndarray:
-    """Run the network slice batch by slice batch; returns a uint8/uint16 label map like ``volume.pixels``."""
+def infer_labelmap(
+    model: LoadedModel, volume: Volume, batch_size: int | None = None, timings: dict[str, float] | None = None
+) -> np.ndarray:
+    """Run the network slice batch by slice batch; returns a uint8/uint16 label map like ``volume.pixels``.
+
+    ``timings``, when given, accumulates seconds spent in ``preprocess_s``, ``inference_s`` and
+    ``postprocess_s`` (the benchmark's breakdown).
+    """
+    clock = _Stopwatch(timings)
     manifest = model.manifest
     flip_rows, flip_cols = standard_flips(volume)
     pixels = volume.pixels
@@ -109,7 +118,10 @@ def infer_labelmap(model: LoadedModel, volume: Volume, batch_size: int | None = 
             chunk = chunk[:, ::-1]
         if flip_cols:
             chunk = chunk[:, :, ::-1]
-        result = model.run(model_input(manifest, chunk, spacing_rc))[0]
+        x = model_input(manifest, chunk, spacing_rc)
+        clock.lap("preprocess_s")
+        result = model.run(x)[0]
+        clock.lap("inference_s")
         if out.kind is OutputKind.LABELMAP:
             low = result.reshape(result.shape[0], *result.shape[-2:]).astype(np.float32)[:, None]
             grid = _nearest_to_grid(low[:, 0], (rows, cols))
@@ -121,7 +133,20 @@ def infer_labelmap(model: LoadedModel, volume: Volume, batch_size: int | None = 
         if flip_cols:
             grid = grid[:, :, ::-1]
         labelmap[start : start + len(chunk)] = grid
+        clock.lap("postprocess_s")
     return labelmap
+
+
+class _Stopwatch:
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, key: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[key] = self.timings.get(key, 0.0) + now - self.last
+        self.last = now
 
 
 def _nearest_to_grid(low: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -208,7 +233,9 @@ def segment_statistics(volume: Volume, labelmap: np.ndarray, number: int) -> Seg
     )
 
 
-def segment(model: LoadedModel, volume: Volume, batch_size: int | None = None) -> SegmentationResult:
+def segment(
+    model: LoadedModel, volume: Volume, batch_size: int | None = None, timings: dict[str, float] | None = None
+) -> SegmentationResult:
     """Segment ``volume`` with a segmentation model.
 
     Raises
@@ -218,7 +245,9 @@ def segment(model: LoadedModel, volume: Volume, batch_size: int | None = None) -
     """
     manifest = model.manifest
     check_modality(manifest, volume)
-    labelmap = postprocess(infer_labelmap(model, volume, batch_size), manifest)
+    labelmap = infer_labelmap(model, volume, batch_size, timings)
+    clock = _Stopwatch(timings)
+    postprocess(labelmap, manifest)
     segments = [
         SegmentDefinition(
             number=label.number,
@@ -230,6 +259,7 @@ def segment(model: LoadedModel, volume: Volume, batch_size: int | None = None) -
         for label in manifest.segment_labels
     ]
     statistics = [segment_statistics(volume, labelmap, s.number) for s in segments]
+    clock.lap("postprocess_s")
     return SegmentationResult(
         model=model_identity(manifest), volume=volume, labelmap=labelmap, segments=segments, statistics=statistics
     )

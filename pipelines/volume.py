@@ -1,15 +1,31 @@
 """Series -> geometry-aware volume.
 
-Interface placeholder: the full implementation (sorting along the slice normal,
-rescale, MONOCHROME1, multi-frame, every transfer syntax, suitability checks)
-belongs to this module.
+Slices are ordered by their position along the slice normal (the projection of Image
+Position (Patient) on the cross product of the two direction cosines of Image Orientation
+(Patient), PS3.3 C.7.6.2.1.1), never by InstanceNumber, which scanners number in either
+direction or restart. Pixel values are brought to modality units (Rescale Slope/Intercept,
+or the Pixel Value Transformation of enhanced objects) and MONOCHROME1 is inverted so that
+brighter always means more attenuation. Multi-frame objects (enhanced CT/MR with functional
+groups, multi-frame projection images) give one slice per frame.
+
+Unsuitable input raises :class:`~pipelines.results.NotAnalysable` with a specific reason.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from pydicom import Dataset, dcmread
+
+from pipelines.results import NotAnalysable, NotAnalysedReason
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+#: Photometric interpretations a single-channel pipeline can use.
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 
 
 @dataclass(frozen=True)
@@ -47,3 +63,246 @@ class Volume:
     series_instance_uid: str
     frame_of_reference_uid: str | None
     modality: str
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.spacing_mm)) / 1000.0
+
+    def slice_position_mm(self, index: int) -> np.ndarray:
+        """ImagePositionPatient of slice ``index``."""
+        return np.asarray(self.origin_mm, float) + index * self.spacing_mm[0] * np.asarray(self.slice_direction, float)
+
+    def affine(self) -> np.ndarray:
+        """4x4 matrix from (slice, row, column) indices to patient LPS millimetres."""
+        m = np.eye(4)
+        m[:3, 0] = np.asarray(self.slice_direction, float) * self.spacing_mm[0]
+        m[:3, 1] = np.asarray(self.column_direction, float) * self.spacing_mm[1]
+        m[:3, 2] = np.asarray(self.row_direction, float) * self.spacing_mm[2]
+        m[:3, 3] = np.asarray(self.origin_mm, float)
+        return m
+
+
+# -- per-frame geometry ------------------------------------------------------------------------
+@dataclass
+class _Frame:
+    ds: Dataset
+    frame_index: int | None  # 0-based index into a multi-frame object, None for single frame
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+    pixel_spacing: tuple[float, float]
+    slope: float
+    intercept: float
+
+
+def _first(seq_owner: Dataset | None, seq: str, attr: str) -> object | None:
+    if seq_owner is None or seq not in seq_owner or not seq_owner[seq].value:
+        return None
+    return seq_owner[seq].value[0].get(attr)
+
+
+def _group(ds: Dataset, index: int, seq: str, attr: str) -> object | None:
+    """An attribute of a functional group: per-frame first, then shared (PS3.3 C.7.6.16)."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and index < len(per_frame):
+        value = _first(per_frame[index], seq, attr)
+        if value is not None:
+            return value
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    return _first(shared[0] if shared else None, seq, attr)
+
+
+def _spacing(value: object | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    vals = [float(v) for v in value]  # type: ignore[union-attr]
+    return (vals[0], vals[1]) if len(vals) == 2 and min(vals) > 0 else None
+
+
+def _frames(ds: Dataset) -> list[_Frame]:
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise NotAnalysable(NotAnalysedReason.MISSING_PIXEL_DATA, f"instance {ds.get('SOPInstanceUID')} has no pixels")
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = []
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    for i in range(n):
+        if enhanced:
+            pos = _group(ds, i, "PlanePositionSequence", "ImagePositionPatient")
+            ori = _group(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient")
+            spacing = _spacing(_group(ds, i, "PixelMeasuresSequence", "PixelSpacing"))
+            slope = _group(ds, i, "PixelValueTransformationSequence", "RescaleSlope")
+            intercept = _group(ds, i, "PixelValueTransformationSequence", "RescaleIntercept")
+        else:
+            pos = ds.get("ImagePositionPatient") if n == 1 else None
+            ori = ds.get("ImageOrientationPatient")
+            spacing = _spacing(ds.get("PixelSpacing")) or _spacing(ds.get("ImagerPixelSpacing"))
+            slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        frames.append(
+            _Frame(
+                ds=ds,
+                frame_index=i if n > 1 else None,
+                position=np.asarray([float(v) for v in pos]) if pos is not None and len(pos) == 3 else None,
+                orientation=np.asarray([float(v) for v in ori]) if ori is not None and len(ori) == 6 else None,
+                pixel_spacing=spacing or (1.0, 1.0),
+                slope=float(slope) if slope not in (None, "") else 1.0,
+                intercept=float(intercept) if intercept not in (None, "") else 0.0,
+            )
+        )
+    return frames
+
+
+def _decode(ds: Dataset) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # pydicom raises RuntimeError/NotImplementedError/ValueError by plugin
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", syntax)
+        raise NotAnalysable(
+            NotAnalysedReason.UNDECODABLE,
+            f"pixel data of {ds.get('SOPInstanceUID')} ({name}) cannot be decoded: {type(exc).__name__}: {exc}",
+        ) from exc
+
+
+def _read(item: Dataset | str | Path) -> Dataset:
+    return item if isinstance(item, Dataset) else dcmread(item)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def load_volume(
+    datasets: Sequence[Dataset | str | Path],
+    *,
+    min_slices: int = 1,
+    spacing_tolerance: float = 0.1,
+    photometric: Sequence[str] = GRAYSCALE,
+) -> Volume:
+    """Load one series (or one multi-frame object) into a :class:`Volume`.
+
+    Parameters
+    ----------
+    datasets
+        Instances of one series, as pydicom datasets with pixel data or as file paths, in any order.
+    min_slices
+        Fewer slices than this is "too few slices" (a CT pipeline wants a real volume).
+    spacing_tolerance
+        Largest allowed relative deviation of a gap between slice positions from the median gap.
+    photometric
+        Photometric Interpretations the pipeline accepts; others are "wrong photometric".
+    """
+    items = [_read(d) for d in datasets]
+    if not items:
+        raise NotAnalysable(NotAnalysedReason.TOO_FEW_SLICES, "the series has no instances")
+    frames: list[_Frame] = []
+    for ds in items:
+        pi = str(ds.get("PhotometricInterpretation", "")).strip()
+        if "PixelData" in ds and pi not in photometric:
+            raise NotAnalysable(
+                NotAnalysedReason.UNSUPPORTED_PHOTOMETRIC,
+                f"Photometric Interpretation {pi or 'missing'} (this pipeline takes {', '.join(photometric)})",
+            )
+        frames.extend(_frames(ds))
+    if len(frames) < min_slices:
+        raise NotAnalysable(
+            NotAnalysedReason.TOO_FEW_SLICES, f"{len(frames)} slice(s), this pipeline needs at least {min_slices}"
+        )
+    first = items[0]
+    rows, cols = int(first.Rows), int(first.Columns)
+    if any(int(ds.Rows) != rows or int(ds.Columns) != cols for ds in items):
+        raise NotAnalysable(NotAnalysedReason.INCONSISTENT_GEOMETRY, "images of different sizes in one series")
+
+    geometric = all(f.position is not None and f.orientation is not None for f in frames)
+    if geometric:
+        orientation = frames[0].orientation
+        assert orientation is not None
+        if any(not np.allclose(f.orientation, orientation, atol=1e-3) for f in frames):  # type: ignore[arg-type]
+            raise NotAnalysable(NotAnalysedReason.INCONSISTENT_GEOMETRY, "slices with different orientations")
+        row_dir, col_dir = _unit(orientation[:3]), _unit(orientation[3:])
+        normal = _unit(np.cross(row_dir, col_dir))
+        along = np.array([float(np.dot(f.position, normal)) for f in frames])  # type: ignore[arg-type]
+        order = np.argsort(along, kind="stable")
+        frames = [frames[i] for i in order]
+        along = along[order]
+        gaps = np.diff(along)
+        if len(frames) > 1:
+            if np.any(gaps < 1e-3):
+                raise NotAnalysable(
+                    NotAnalysedReason.INCONSISTENT_GEOMETRY, "two slices at the same position (duplicates?)"
+                )
+            step = float(np.median(gaps))
+            if np.max(np.abs(gaps - step)) > spacing_tolerance * step:
+                raise NotAnalysable(
+                    NotAnalysedReason.UNEVEN_SPACING,
+                    f"slice gaps from {gaps.min():.2f} to {gaps.max():.2f} mm (median {step:.2f} mm)",
+                )
+            progression = _unit(frames[-1].position - frames[0].position)  # type: ignore[operator]
+            tilt_deg = float(np.degrees(np.arccos(min(1.0, abs(float(np.dot(progression, normal)))))))
+            if tilt_deg > 0.5:
+                raise NotAnalysable(
+                    NotAnalysedReason.GANTRY_TILT,
+                    f"slices are sheared by {tilt_deg:.1f} degrees from their normal (gantry tilt)",
+                )
+        else:
+            step = float(first.get("SliceThickness") or 1.0)
+        tilt = first.get("GantryDetectorTilt")
+        if tilt not in (None, "") and abs(float(tilt)) > 0.01:
+            raise NotAnalysable(NotAnalysedReason.GANTRY_TILT, f"Gantry/Detector Tilt {float(tilt):g} degrees")
+        origin = np.asarray(frames[0].position, float)
+    else:
+        if len(frames) > 1 and not all(f.frame_index is not None for f in frames):
+            raise NotAnalysable(
+                NotAnalysedReason.INCONSISTENT_GEOMETRY, "several images without Image Position (Patient)"
+            )
+        # Projection images (CR, DX, MG) and frames without patient geometry: identity axes.
+        row_dir, col_dir, normal = np.eye(3)
+        origin = np.zeros(3)
+        step = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+
+    # Decode one instance at a time into a preallocated float32 array: peak memory stays
+    # near the float volume plus one decoded instance.
+    pixels = np.empty((len(frames), rows, cols), dtype=np.float32)
+    slot_of: dict[int, list[tuple[int, _Frame]]] = {}
+    for slot, f in enumerate(frames):
+        slot_of.setdefault(id(f.ds), []).append((slot, f))
+    for ds in items:
+        array = _decode(ds)
+        for slot, f in slot_of.get(id(ds), []):
+            plane = array[f.frame_index] if f.frame_index is not None else array
+            if plane.ndim != 2:
+                raise NotAnalysable(
+                    NotAnalysedReason.UNSUPPORTED_PHOTOMETRIC, f"frame has shape {plane.shape}, expected 2D"
+                )
+            pixels[slot] = plane
+            if f.slope != 1.0:
+                pixels[slot] *= f.slope
+            if f.intercept != 0.0:
+                pixels[slot] += f.intercept
+        del array
+
+    if any(str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1" for ds in items):
+        # MONOCHROME1: the minimum value is white. Invert around the stored range so that
+        # higher values are always brighter, as the models were trained.
+        lo, hi = float(pixels.min()), float(pixels.max())
+        np.subtract(hi + lo, pixels, out=pixels)
+
+    frame_ref = first.get("FrameOfReferenceUID")
+    return Volume(
+        pixels=pixels,
+        origin_mm=origin,
+        spacing_mm=(step, frames[0].pixel_spacing[0], frames[0].pixel_spacing[1]),
+        row_direction=row_dir,
+        column_direction=col_dir,
+        slice_direction=normal,
+        source_frames=[
+            SourceFrame(
+                str(f.ds.SOPClassUID),
+                str(f.ds.SOPInstanceUID),
+                None if f.frame_index is None else f.frame_index + 1,
+            )
+            for f in frames
+        ],
+        study_instance_uid=str(first.StudyInstanceUID),
+        series_instance_uid=str(first.SeriesInstanceUID),
+        frame_of_reference_uid=str(frame_ref) if frame_ref else None,
+        modality=str(first.get("Modality", "")),
+    )

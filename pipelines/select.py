@@ -1,0 +1,185 @@
+"""Which series of a study a pipeline takes.
+
+A study usually holds several series: localizers, thin and thick reconstructions with soft
+and sharp kernels, secondary captures, other modalities. Each pipeline wants one: a CT
+segmentation wants an axial, original, soft-kernel volume with enough slices, the thinner the
+better; a chest-radiograph classifier the frontal view; a mammography model a "for
+presentation" CC or MLO view. Selection reads headers only (no pixel data).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom import Dataset
+
+from pipelines.results import NotAnalysable, NotAnalysedReason
+
+#: SOP classes that carry images a pipeline can use, by modality family.
+VOLUME_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image
+}
+PROJECTION_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1",  # CR Image
+    "1.2.840.10008.5.1.4.1.1.1.1",  # DX Image for presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX Image for processing
+    "1.2.840.10008.5.1.4.1.1.1.2",  # MG Image for presentation
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # MG Image for processing
+    "1.2.840.10008.5.1.4.1.1.13.1.3",  # Breast Tomosynthesis
+}
+FOR_PROCESSING = {"1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.2.1"}
+
+DEFAULT_MIN_SLICES = 16
+
+
+@dataclass(frozen=True)
+class Candidate:
+    series_instance_uid: str
+    #: Larger is better; compared as a tuple.
+    score: tuple[float, ...]
+    description: str
+
+
+def _image_type(ds: Dataset) -> list[str]:
+    return [str(v).upper() for v in ds.get("ImageType", [])]
+
+
+def kernel_sharpness(kernel: object) -> float:
+    """A number that grows with the sharpness of a reconstruction kernel (vendor conventions).
+
+    Siemens "B30f"/"I40f"/"Br40d": the number is the sharpness (soft ~20-40, sharp ~60-80);
+    GE: SOFT < STANDARD < DETAIL < LUNG < BONE/EDGE; Philips: A/B soft, C/D/E/L/Y sharper;
+    Canon/Toshiba FC: FC01-FC18 body (soft), FC50+ lung/bone. Unknown kernels rank in the middle.
+    """
+    text = " ".join(map(str, kernel)) if isinstance(kernel, list | tuple) else str(kernel or "")
+    text = text.upper().strip()
+    if not text:
+        return 50.0
+    named = {"SOFT": 20, "SMOOTH": 20, "STANDARD": 40, "BODY": 40, "DETAIL": 60, "CHST": 60, "LUNG": 75,
+             "BONE": 80, "BONEPLUS": 85, "EDGE": 90, "SHARP": 80}  # fmt: skip
+    for word, value in named.items():
+        if re.search(rf"\b{word}\b", text):
+            return float(value)
+    m = re.match(r"^(?:FC)(\d+)", text)
+    if m:
+        n = int(m.group(1))
+        return 30.0 if n < 30 else 75.0
+    m = re.match(r"^[A-Z]{1,2}[A-Z]?(\d{2})", text)
+    if m:
+        return float(m.group(1))
+    m = re.match(r"^([A-EL-Y])$", text)
+    if m:
+        return {"A": 20, "B": 30, "C": 50, "D": 60, "E": 70, "L": 75, "Y": 80}.get(m.group(1), 50.0)
+    return 50.0
+
+
+def _is_axial(ds: Dataset) -> bool:
+    ori = ds.get("ImageOrientationPatient")
+    if ori is None or len(ori) != 6:
+        return False
+    normal = np.cross(np.asarray(ori[:3], float), np.asarray(ori[3:], float))
+    return abs(normal[2]) > 0.9
+
+
+def _volume_candidate(uid: str, headers: Sequence[Dataset], modalities: Sequence[str], min_slices: int) -> Candidate:
+    first = headers[0]
+    modality = str(first.get("Modality", ""))
+    kernel = first.get("ConvolutionKernel")
+    desc = f"{modality} {len(headers)} images, kernel {kernel or '?'}, '{first.get('SeriesDescription', '')}'"
+    if modality not in modalities:
+        raise ValueError(f"modality {modality}, not {'/'.join(modalities)}")
+    images = [h for h in headers if str(h.get("SOPClassUID")) in VOLUME_CLASSES]
+    if not images:
+        raise ValueError(f"no {'/'.join(modalities)} image objects (SOP class {first.get('SOPClassUID')})")
+    usable = [h for h in images if not {"LOCALIZER", "DERIVED", "SECONDARY", "SCOUT"} & set(_image_type(h))]
+    if not usable:
+        raise ValueError(f"only localizer/derived/secondary images (ImageType {'/'.join(_image_type(images[0]))})")
+    n = sum(int(h.get("NumberOfFrames", 1) or 1) for h in usable)
+    if n < min_slices:
+        raise ValueError(f"{n} slices, at least {min_slices} needed")
+    if not all(_is_axial(h) for h in usable if "ImageOrientationPatient" in h):
+        raise ValueError("not axial")
+    thickness = float(first.get("SliceThickness") or 5.0)
+    # Prefer thin slices, then a soft kernel (segmentation wants little noise), then more slices.
+    return Candidate(uid, (-round(thickness, 1), -kernel_sharpness(kernel), n), desc)
+
+
+_FRONTAL = {"PA", "AP"}
+_LATERAL = {"LL", "RL", "LATERAL", "LAT", "RLD", "LLD"}
+
+
+def _projection_candidate(uid: str, headers: Sequence[Dataset], modalities: Sequence[str], task: str) -> Candidate:
+    first = headers[0]
+    modality = str(first.get("Modality", ""))
+    view = str(first.get("ViewPosition", "")).upper().strip()
+    desc = f"{modality} {len(headers)} images, view {view or '?'}, '{first.get('SeriesDescription', '')}'"
+    if modality not in modalities:
+        raise ValueError(f"modality {modality}, not {'/'.join(modalities)}")
+    images = [h for h in headers if str(h.get("SOPClassUID")) in PROJECTION_CLASSES | VOLUME_CLASSES]
+    if not images:
+        raise ValueError(f"no projection image objects (SOP class {first.get('SOPClassUID')})")
+    if modality == "MG":
+        presentation = [h for h in images if str(h.get("SOPClassUID")) not in FOR_PROCESSING]
+        if not presentation:
+            raise ValueError("only 'for processing' mammograms")
+        view_code = ""
+        vc = first.get("ViewCodeSequence")
+        if vc:
+            view_code = str(vc[0].get("CodeMeaning", "")).lower()
+        preferred = 2 if "cranio" in view_code or view == "CC" else 1 if "medio" in view_code or view == "MLO" else 0
+        return Candidate(uid, (preferred, len(presentation)), desc)
+    text = f"{view} {first.get('SeriesDescription', '')} {first.get('ProtocolName', '')}".upper()
+    if view in _LATERAL or (not view and re.search(r"\bLAT", text)):
+        raise ValueError(f"lateral view ({view or 'series description'})")
+    frontal = 2 if view in _FRONTAL else 1 if re.search(r"\b(PA|AP|FRONTAL)\b", text) else 0
+    return Candidate(uid, (frontal, -len(images)), desc)
+
+
+def rank_series(
+    series: Mapping[str, Sequence[Dataset]], task: str, modalities: Sequence[str], min_slices: int = DEFAULT_MIN_SLICES
+) -> tuple[list[Candidate], dict[str, str]]:
+    """Candidates best first, and why each other series was rejected."""
+    candidates, rejected = [], {}
+    volumetric = task == "segmentation" and not set(modalities) & {"CR", "DX", "MG"}
+    for uid, headers in series.items():
+        if not headers:
+            continue
+        try:
+            if volumetric:
+                candidates.append(_volume_candidate(uid, headers, modalities, min_slices))
+            else:
+                candidates.append(_projection_candidate(uid, headers, modalities, task))
+        except ValueError as exc:
+            rejected[uid] = str(exc)
+    candidates.sort(key=lambda c: c.score, reverse=True)
+    return candidates, rejected
+
+
+def select_series(
+    series: Mapping[str, Sequence[Dataset]],
+    task: str,
+    modalities: Sequence[str],
+    min_slices: int = DEFAULT_MIN_SLICES,
+) -> str:
+    """The SeriesInstanceUID the pipeline should analyse, or NotAnalysable(NO_SUITABLE_SERIES).
+
+    Parameters
+    ----------
+    series
+        Headers (no pixel data needed) of every instance of the study, by SeriesInstanceUID.
+    task
+        The model's task: "segmentation", "classification" or "svm".
+    modalities
+        Modalities the model accepts (Modality attribute, e.g. ["CT"], ["CR", "DX"], ["MG"]).
+    """
+    candidates, rejected = rank_series(series, task, modalities, min_slices)
+    if not candidates:
+        why = "; ".join(f"{uid}: {reason}" for uid, reason in rejected.items()) or "the study has no series"
+        raise NotAnalysable(NotAnalysedReason.NO_SUITABLE_SERIES, why)
+    return candidates[0].series_instance_uid
