@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.sr.coding import Code
 
-from pipelines.volume import Volume
+if TYPE_CHECKING:  # volume.py raises NotAnalysable from here: import only for type checkers
+    from pipelines.volume import Volume
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,8 @@ class DensityResult:
     category_code: Code
     probabilities: dict[str, float]
     features: list[Feature]
+    #: Outline of the breast region the features were computed on, (column, row) image coordinates, closed.
+    breast_outline_rc: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
 
 
 PipelineResult = SegmentationResult | ClassificationResult | DensityResult

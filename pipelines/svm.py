@@ -18,7 +18,7 @@ from scipy import ndimage as ndi
 from pipelines.manifest import OutputKind
 from pipelines.results import DensityResult, Feature, NotAnalysable, NotAnalysedReason
 from pipelines.runtime import LoadedModel
-from pipelines.segmentation import check_modality, model_identity
+from pipelines.segmentation import check_modality, model_identity, trace_outline
 from pipelines.volume import Volume
 
 #: Local coding scheme for measurements that have no standard code (DICOM PS3.16 8.2 allows "99" schemes).
@@ -37,10 +37,16 @@ class BreastTissue:
 
     relative: np.ndarray
     mask: np.ndarray
+    #: Image pixels per pixel of ``relative`` and ``mask`` (the block-mean reduction factor).
+    scale: int = 1
+
+
+def reduction_factor(shape: tuple[int, ...], max_side: int = MAX_SIDE) -> int:
+    return max(1, int(np.ceil(max(shape) / max_side)))
 
 
 def reduce_image(image: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
-    factor = int(np.ceil(max(image.shape) / max_side))
+    factor = reduction_factor(image.shape, max_side)
     if factor <= 1:
         return image.astype(np.float32)
     rows, cols = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
@@ -62,7 +68,7 @@ def breast_tissue(image: np.ndarray) -> BreastTissue:
         raise NotAnalysable(NotAnalysedReason.MISSING_PIXEL_DATA, "breast region covers under 5 % of the image")
     fat = float(np.percentile(img[mask], 10))
     relative = (img - air) / max(fat - air, 1e-6)
-    return BreastTissue(relative=relative.astype(np.float32), mask=mask)
+    return BreastTissue(relative=relative.astype(np.float32), mask=mask, scale=reduction_factor(image.shape))
 
 
 def glcm(tissue: BreastTissue) -> np.ndarray:
@@ -138,12 +144,12 @@ FEATURES: dict[str, FeatureDefinition] = {
 }
 
 
-def compute_features(image: np.ndarray, names: list[str]) -> list[Feature]:
-    """The named features of one mammogram (rows, columns), in order."""
+def compute_features(image: np.ndarray | BreastTissue, names: list[str]) -> list[Feature]:
+    """The named features of one mammogram (rows, columns) or of its breast tissue, in order."""
     unknown = [n for n in names if n not in FEATURES]
     if unknown:
         raise ValueError(f"unknown features {unknown}; known: {sorted(FEATURES)}")
-    tissue = breast_tissue(image)
+    tissue = image if isinstance(image, BreastTissue) else breast_tissue(image)
     return [
         Feature(name=n, concept=FEATURES[n].concept, value=FEATURES[n].compute(tissue), unit=FEATURES[n].unit)
         for n in names
@@ -165,7 +171,8 @@ def assess_density(model: LoadedModel, volume: Volume) -> DensityResult:
             NotAnalysedReason.NO_SUITABLE_SERIES,
             f"model {manifest.name} assesses one image; the series has {volume.pixels.shape[0]}",
         )
-    features = compute_features(volume.pixels[0], list(manifest.preprocessing.features or []))
+    tissue = breast_tissue(volume.pixels[0])
+    features = compute_features(tissue, list(manifest.preprocessing.features or []))
     vector = np.array([[f.value for f in features]], dtype=np.float32)
     outputs = model.run(vector)
     index = next(i for i, o in enumerate(manifest.outputs) if o.kind is OutputKind.PROBABILITIES)
@@ -179,4 +186,5 @@ def assess_density(model: LoadedModel, volume: Volume) -> DensityResult:
         category_code=best.type.to_code(),
         probabilities={label.name: float(probs[label.number]) for label in labels},
         features=features,
+        breast_outline_rc=trace_outline(tissue.mask) * tissue.scale,
     )

@@ -1,0 +1,84 @@
+"""Result writers: plain pipeline results -> DICOM objects a PACS stores and a viewer shows.
+
+- :mod:`~pipelines.dicom.seg`: binary DICOM-SEG, one segment per label.
+- :mod:`~pipelines.dicom.sr`: TID 1500 Measurement Report in a Comprehensive 3D SR.
+- :mod:`~pipelines.dicom.sc`: Secondary Capture images with the result burned in, for plain viewers.
+- :mod:`~pipelines.dicom.air`: IHE AIR attributes (Contributing Equipment, device identity), in one place.
+
+Every object stays in the source study, in a new series, with UIDs fixed here (:mod:`~pipelines.dicom.uids`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from enum import Enum
+
+from pydicom.dataset import Dataset
+
+from pipelines.dicom.air import Equipment
+from pipelines.dicom.sc import make_secondary_captures
+from pipelines.dicom.seg import make_segmentation
+from pipelines.dicom.source import ordered_sources
+from pipelines.dicom.sr import make_report
+from pipelines.dicom.uids import ResultUids
+from pipelines.results import PipelineResult, SegmentationResult
+
+
+class OutputKind(str, Enum):
+    """Result objects a destination can ask for (config ``peers.<name>.outputs``)."""
+
+    SEG = "seg"
+    SR = "sr"
+    SC = "sc"
+
+
+#: Series Number of each result series (the source series keep theirs; viewers sort by it).
+SERIES_NUMBER = {OutputKind.SEG: 901, OutputKind.SR: 902, OutputKind.SC: 903}
+
+
+def write_results(
+    result: PipelineResult,
+    datasets: Sequence[Dataset],
+    equipment: Equipment,
+    outputs: Iterable[OutputKind | str],
+    *,
+    omit_empty_frames: bool = False,
+) -> list[Dataset]:
+    """The DICOM objects of one result, in the order they should be sent (SEG before the SR that cites it).
+
+    Parameters
+    ----------
+    result
+        What a pipeline returned.
+    datasets
+        The source series the pipeline analysed (with pixel data when SC is wanted), in any order.
+    outputs
+        Which kinds to make. A segmentation's SR refers to its SEG, so asking for ``sr`` makes the SEG too.
+    omit_empty_frames
+        Leave SEG frames without any segment pixel out (off by default: OHIF misplaces segments then).
+    """
+    wanted = {OutputKind(o) for o in outputs}
+    uids = ResultUids.for_result(result.model, result.volume)
+    sources = ordered_sources(result.volume, datasets)
+    out: list[Dataset] = []
+    seg = None
+    if isinstance(result, SegmentationResult) and wanted & {OutputKind.SEG, OutputKind.SR}:
+        seg = make_segmentation(
+            result,
+            sources,
+            equipment,
+            series_instance_uid=uids.series("seg"),
+            sop_instance_uid=uids.instance("seg"),
+            series_number=SERIES_NUMBER[OutputKind.SEG],
+            tracking_uids={s.number: uids.tracking(s.number) for s in result.segments},
+            omit_empty_frames=omit_empty_frames,
+        )
+        out.append(seg)
+    if OutputKind.SR in wanted:
+        out.append(make_report(result, sources, equipment, uids, seg=seg, series_number=SERIES_NUMBER[OutputKind.SR]))
+    if OutputKind.SC in wanted:
+        out += make_secondary_captures(result, datasets, equipment, uids, series_number=SERIES_NUMBER[OutputKind.SC])
+    return out
+
+
+__all__ = ["Equipment", "OutputKind", "SERIES_NUMBER", "ResultUids", "write_results"]

@@ -1,0 +1,123 @@
+"""IHE AI Results (AIR) attributes, in one place: who made a result object and with which algorithm.
+
+Every object the node writes (SEG, SR, SC) carries the same Contributing Equipment item and the same
+General Equipment attributes, so a PACS, a viewer and our own router (loop prevention) can tell an AI
+result from an acquisition, and which device and software version produced it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from pipelines.results import ModelIdentity
+
+#: IHE AIR's Purpose of Reference for the equipment that ran the algorithm (not in highdicom's allowed list).
+PROCESSING_ALGORITHM = Code("1630", "99IHE", "Processing Algorithm")
+#: CID 7162 "Artificial Intelligence" (DCM 123110), the algorithm family of every model the node runs.
+AI_FAMILY = codes.DCM.ArtificialIntelligence
+
+
+@dataclass(frozen=True)
+class Equipment:
+    """The node as DICOM equipment: written to General Equipment and Contributing Equipment of each result.
+
+    Parameters
+    ----------
+    manufacturer
+        Manufacturer (0008,0070), e.g. "dicom-ai-node"; also how the router recognises its own results.
+    model_name
+        Manufacturer's Model Name (0008,1090).
+    software_versions
+        Software Versions (0018,1020): the node's version.
+    device_uid
+        Device UID (0018,1002): identifies this node installation; configured or generated once.
+    device_serial_number
+        Device Serial Number (0018,1000); the SEG IOD requires a value, the device UID is used when None.
+    institution_name
+        Institution Name (0008,0080).
+    station_name
+        Station Name (0008,1010): node name or AE title; also the SR's Device Observer Name.
+    """
+
+    manufacturer: str
+    model_name: str
+    software_versions: str
+    device_uid: str
+    device_serial_number: str | None = None
+    institution_name: str | None = None
+    station_name: str | None = None
+
+    @property
+    def serial_number(self) -> str:
+        # Device Serial Number is a 64-character LO; a UID is at most 64 characters too.
+        return self.device_serial_number or self.device_uid
+
+
+def contributing_equipment_item(equipment: Equipment, model: ModelIdentity) -> Dataset:
+    """One Contributing Equipment Sequence item as IHE AIR asks: purpose (99IHE 1630) and device identity."""
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(PROCESSING_ALGORITHM)]
+    item.Manufacturer = equipment.manufacturer
+    item.ManufacturerModelName = equipment.model_name
+    item.SoftwareVersions = equipment.software_versions
+    item.DeviceSerialNumber = equipment.serial_number
+    item.DeviceUID = equipment.device_uid
+    if equipment.institution_name:
+        item.InstitutionName = equipment.institution_name
+    if equipment.station_name:
+        item.StationName = equipment.station_name
+    item.ContributionDescription = f"AI algorithm {model.name} {model.version}"[:1024]
+    return item
+
+
+def add_air_attributes(ds: Dataset, equipment: Equipment, model: ModelIdentity) -> None:
+    """Append our Contributing Equipment item and General Equipment attributes to a new result object."""
+    existing = list(ds.get("ContributingEquipmentSequence", []))
+    ds.ContributingEquipmentSequence = [*existing, contributing_equipment_item(equipment, model)]
+    ds.Manufacturer = equipment.manufacturer
+    ds.ManufacturerModelName = equipment.model_name
+    ds.SoftwareVersions = equipment.software_versions
+    ds.DeviceSerialNumber = equipment.serial_number
+    ds.DeviceUID = equipment.device_uid
+    if equipment.institution_name:
+        ds.InstitutionName = equipment.institution_name
+    if equipment.station_name:
+        ds.StationName = equipment.station_name
+
+
+def algorithm_identification(model: ModelIdentity) -> hd.AlgorithmIdentificationSequence:
+    """Algorithm Identification Sequence of a SEG segment: name, version, family CID 7162."""
+    return hd.AlgorithmIdentificationSequence(name=model.name, version=model.version, family=AI_FAMILY)
+
+
+def sr_algorithm_id(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification for SR measurement groups."""
+    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
+
+
+def series_description(what: str, model: ModelIdentity) -> str:
+    """Series Description (LO, 64 chars) saying what a result series is: "AI lung segmentation (lung-seg 1.0)"."""
+    return f"AI {what} ({model.name} {model.version})"[:64]
+
+
+def is_own_result(ds: Dataset, device_uid: str, manufacturer: str) -> bool:
+    """Whether ``ds`` was produced by this node (or another node of the same software): loop prevention.
+
+    Parameters
+    ----------
+    ds
+        An incoming dataset (headers suffice).
+    device_uid
+        This node's Device UID, as written into Contributing Equipment and General Equipment.
+    manufacturer
+        Our Manufacturer value; any node of the same software counts as "own" to avoid ping-pong between nodes.
+    """
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if item.get("DeviceUID") == device_uid or str(item.get("Manufacturer", "")).strip() == manufacturer:
+            return True
+    return ds.get("DeviceUID") == device_uid or str(ds.get("Manufacturer", "")).strip() == manufacturer

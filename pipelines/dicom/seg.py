@@ -1,0 +1,97 @@
+"""DICOM-SEG (binary) from a :class:`~pipelines.results.SegmentationResult`, with highdicom."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+
+from pipelines.dicom.air import Equipment, add_air_attributes, algorithm_identification, series_description
+from pipelines.results import SegmentationResult
+
+
+def segment_descriptions(result: SegmentationResult, tracking_uids: dict[int, str]) -> list[hd.seg.SegmentDescription]:
+    """One Segment Sequence item per label: SNOMED category and type (+ laterality modifier), algorithm."""
+    algorithm = algorithm_identification(result.model)
+    out = []
+    for segment in sorted(result.segments, key=lambda s: s.number):
+        description = hd.seg.SegmentDescription(
+            segment_number=segment.number,
+            segment_label=segment.label[:64],
+            segmented_property_category=segment.category,
+            segmented_property_type=segment.property_type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=tracking_uids[segment.number],
+            tracking_id=segment.label[:64],
+        )
+        if segment.laterality is not None:
+            # PS3.3 C.8.20.2: the modifier is nested in the Segmented Property Type Code Sequence item.
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept.from_code(segment.laterality)
+            ]
+        out.append(description)
+    return out
+
+
+def seg_pixel_array(result: SegmentationResult, sources: list[Dataset]) -> np.ndarray:
+    """The label map arranged like ``sources``: one frame per single-frame instance, or per frame of one instance."""
+    frames = result.volume.source_frames
+    if len(sources) == len(frames):
+        return result.labelmap
+    if len(sources) == 1 and all(f.frame_number is not None for f in frames):
+        n = int(sources[0].get("NumberOfFrames", len(frames)))
+        out = np.zeros((n, *result.labelmap.shape[1:]), dtype=result.labelmap.dtype)
+        for index, frame in enumerate(frames):
+            out[int(frame.frame_number) - 1] = result.labelmap[index]  # type: ignore[arg-type]
+        return out
+    raise ValueError("a SEG references single-frame instances or exactly one multi-frame instance")
+
+
+def make_segmentation(
+    result: SegmentationResult,
+    sources: list[Dataset],
+    equipment: Equipment,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    tracking_uids: dict[int, str],
+    omit_empty_frames: bool = False,
+) -> hd.seg.Segmentation:
+    """Binary DICOM-SEG of every segment, in the source study, referencing the source series' instances.
+
+    Parameters
+    ----------
+    sources
+        Header copies of the source instances in volume order (:func:`pipelines.dicom.source.ordered_sources`).
+    omit_empty_frames
+        Leave out frames without any segment pixel. Off by default: OHIF misplaces segments of a SEG whose
+        empty frames were omitted.
+    """
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=seg_pixel_array(result, sources),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(result, tracking_uids),
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=equipment.manufacturer,
+        manufacturer_model_name=equipment.model_name,
+        software_versions=equipment.software_versions,
+        device_serial_number=equipment.serial_number,
+        omit_empty_frames=omit_empty_frames,
+        series_description=series_description(f"{_task_word(result)} segmentation", result.model),
+        content_label="AI_SEGMENTATION",
+        content_description=f"{result.model.name} {result.model.version}"[:64],
+    )
+    add_air_attributes(seg, equipment, result.model)
+    return seg
+
+
+def _task_word(result: SegmentationResult) -> str:
+    """A short anatomical word for the series description: "lung" when all segments are lungs."""
+    meanings = {s.property_type.meaning.lower() for s in result.segments}
+    return meanings.pop() if len(meanings) == 1 else "multi-structure"
