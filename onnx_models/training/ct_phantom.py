@@ -5,7 +5,7 @@ patient lying on a table; an irregular body outline with subcutaneous fat and mu
 spine and sternum; a mediastinum with heart, aorta, trachea and main bronchi; two lungs whose
 bases sit on diaphragm domes (so the lowest lung slices are posterior crescents around liver
 and spleen), whose apices narrow towards the neck, with vessels, occasional nodules and a
-posterior density gradient; bowel and stomach gas below the diaphragm; partial-volume blur and
+dependent (posterior) density band of up to about -450 HU; bowel and stomach gas below the diaphragm; partial-volume blur and
 noise. Pixel spacing varies as a 512-matrix scan with 0.6-0.95 mm pixels would.
 
 Labels come from :func:`classical_lung_mask` applied to the noiseless phantom, split into
@@ -106,6 +106,10 @@ def make_ct_phantom(rng: np.random.Generator, size: int = 256, n_slices: int | N
     ]
     gas = [(rng.uniform(-0.6, 0.6), rng.uniform(-0.7, 0.2), rng.uniform(4, 16), rng.uniform(0, 0.2)) for _ in range(6)]
     stomach_r = rng.uniform(10, 30)
+    # Supine patients' dependent (posterior) lung is denser: real CT shows a band at the back of
+    # each lung at up to about -500 HU, still air-like for the classical mask (< -400 HU).
+    dependent_hu = 380.0 * rng.uniform(0, 1) ** 0.7
+    dependent_depth = rng.uniform(0.15, 0.45)
 
     hu = np.full((n_slices, size, size), -1000.0, dtype=np.float32)
     left = np.zeros((n_slices, size, size), dtype=bool)
@@ -155,8 +159,12 @@ def make_ct_phantom(rng: np.random.Generator, size: int = 256, n_slices: int | N
                 lung &= ~_ellipse(x, y, bx + 0.15 * cw, by - 0.15 * ch, 0.42 * cw, 0.5 * ch)
             lungs.append(lung)
         for side, lung in zip((-1, 1), lungs, strict=True):
-            gradient = 60.0 * np.clip((y - by) / ch, -1, 1)  # dependent (posterior) lung is denser
-            sl = np.where(lung, lung_hu[(side + 1) // 2] + gradient, sl)
+            base_hu = lung_hu[(side + 1) // 2]
+            u = np.clip((y - by) / ch, -1, 1)
+            start = 1 - 2 * dependent_depth
+            band = np.clip((u - start) / (1 - start), 0, 1) ** 1.5
+            dependent = min(dependent_hu, -450.0 - base_hu) * band
+            sl = np.where(lung, base_hu + 60.0 * u + dependent, sl)
         left[k] = x > mid_x
 
         # Below the lungs: liver on the right, stomach with a gas bubble on the left, bowel gas lower.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -45,13 +47,15 @@ class UNet2D(nn.Module):
 
 
 class OpacityCNN(nn.Module):
-    """Conv layers -> global average pool -> one logit; ``forward`` also returns the class-activation map.
+    """Conv layers -> a per-position logit map -> log-sum-exp pooling -> one logit.
 
-    The CAM is the final conv features weighted by the classifier weights (Zhou et al. 2016), ReLU'd
-    and scaled to 0..1 per image, at 1/16 of the input resolution.
+    The logit map is the class-activation map (as in Zhou et al. 2016, with the classifier applied
+    before pooling rather than after): ``forward`` returns P(finding) and sigmoid(logit map), i.e. a
+    local probability per cell at 1/16 of the input resolution. Log-sum-exp pooling behaves like a
+    soft maximum, so a small focal finding is not averaged away as with global average pooling.
     """
 
-    def __init__(self, base: int = 8) -> None:
+    def __init__(self, base: int = 8, sharpness: float = 4.0) -> None:
         super().__init__()
         c = base
         layers: list[nn.Module] = []
@@ -65,14 +69,16 @@ class OpacityCNN(nn.Module):
             ]
         layers += [nn.Conv2d(8 * c, 8 * c, 3, padding=1), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
-        self.fc = nn.Linear(8 * c, 1)
+        self.head = nn.Conv2d(8 * c, 1, 1)
+        self.sharpness = sharpness
 
-    def logit_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.features(x)
-        return self.fc(f.mean(dim=(2, 3))), f
+    def logit_and_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit_map = self.head(self.features(x))
+        flat = logit_map.flatten(1)
+        r = self.sharpness
+        logit = (torch.logsumexp(r * flat, dim=1, keepdim=True) - math.log(flat.shape[1])) / r
+        return logit, logit_map
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logit, f = self.logit_and_features(x)
-        cam = torch.relu(torch.einsum("nchw,c->nhw", f, self.fc.weight[0])).unsqueeze(1)
-        cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + 1e-6)
-        return torch.sigmoid(logit), cam
+        logit, logit_map = self.logit_and_map(x)
+        return torch.sigmoid(logit), torch.sigmoid(logit_map)

@@ -90,7 +90,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
             x, y = torch.from_numpy(x_all[idx].copy()), torch.from_numpy(y_all[idx])
             if gen.random() < 0.5:
                 x = x.flip(-1)
-            logit, _ = model.logit_and_features(x)
+            logit, _ = model.logit_and_map(x)
             loss = F.binary_cross_entropy_with_logits(logit[:, 0], y)
             opt.zero_grad()
             loss.backward()
