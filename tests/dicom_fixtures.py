@@ -216,3 +216,25 @@ def density_result(ds: Dataset) -> DensityResult:
             Feature("glcm_entropy", Code("GLCM-ENTROPY", local, "GLCM entropy"), 5.2, "bit"),
         ],
     )
+
+
+def copy_as_other_patient(series_dirs: list[Path], out_dir: Path, patient_id: str, patient_name: str) -> str:
+    """Copy CT series as another patient's study: new patient, study, series, frame and instance UIDs.
+
+    Returns the new Study Instance UID. The pixels stay the same, so a result that lands on the wrong
+    study can only be told apart by its identifiers — which is exactly what the tests check.
+    """
+    study_uid = generate_uid()
+    frame_uid = generate_uid()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for series_dir in series_dirs:
+        series_uid = generate_uid()
+        for path in sorted(series_dir.glob("*.dcm")):
+            ds = pydicom.dcmread(path)
+            ds.PatientID, ds.PatientName = patient_id, patient_name
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.AccessionNumber = f"ACC-{patient_id}"
+            ds.save_as(out_dir / f"{series_dir.name}-{path.name}", enforce_file_format=True)
+    return study_uid
