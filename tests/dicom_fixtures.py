@@ -238,3 +238,13 @@ def copy_as_other_patient(series_dirs: list[Path], out_dir: Path, patient_id: st
             ds.AccessionNumber = f"ACC-{patient_id}"
             ds.save_as(out_dir / f"{series_dir.name}-{path.name}", enforce_file_format=True)
     return study_uid
+
+
+def radiograph_file(path: Path, image: np.ndarray, modality: str, sop_class_uid: str, **extra: object) -> Dataset:
+    """Save a phantom image (float, bright = dense) as a 12-bit MONOCHROME2 single-frame instance at ``path``."""
+    scaled = image.astype(np.float64)
+    scaled = (scaled - scaled.min()) / max(float(scaled.max() - scaled.min()), 1e-9) * 4000
+    ds = synthetic_image(modality, sop_class_uid, rows=image.shape[0], columns=image.shape[1], extra=extra)
+    ds.PixelData = scaled.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return ds
