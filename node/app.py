@@ -189,6 +189,10 @@ class NodeApp:
 
         if node.role in ("all", "worker"):
             runner = self._make_runner()
+            preload = getattr(runner, "preload", None)
+            if preload is not None:
+                for name, problem in preload(r.pipeline for r in self.config.routes).items():
+                    log.error("model %s cannot be used; studies routed to it will fail: %s", name, problem)
             workers = [
                 Worker(
                     sessions=self.sessions,

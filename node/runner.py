@@ -9,7 +9,7 @@ the job (worker.py) and leaves the node serving.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from pydicom import dcmread
@@ -28,6 +28,20 @@ class OnnxStudyRunner:
         self.registry = registry
         self.equipment = equipment
         self.omit_empty_frames = omit_empty_frames
+
+    def preload(self, pipelines: Iterable[str]) -> dict[str, str]:
+        """Load (verify checksum, create the session of) each routed model now; returns problems by name.
+
+        At start, so that a missing or tampered model is reported when the node starts rather than at
+        the first study, and the first study does not wait for a session to be created.
+        """
+        problems = {}
+        for name in dict.fromkeys(pipelines):
+            try:
+                self.registry.get(name)
+            except Exception as exc:  # reported to the operator; jobs routed to it fail with the same reason
+                problems[name] = f"{type(exc).__name__}: {exc}"
+        return problems
 
     def run(self, pipeline: str, series_files: Mapping[str, Sequence[Path]], outputs: set[str]) -> RunOutcome:
         model = self.registry.get(pipeline)

@@ -66,7 +66,7 @@ def test_bad_window_center_is_named(tmp_path: Path):
     folder = tmp_path / "lung"
     folder.mkdir()
     data = yaml.safe_load((bundled_models_dir() / "lung-seg" / "model.yaml").read_text())
-    data["preprocessing"]["hu_window"]["center"] = "lung"
+    data["preprocessing"]["hu_window"] = {"center": "lung", "width": 1400}
     (folder / "model.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(ManifestError, match=r"model\.yaml: preprocessing\.hu_window\.center: Input should be a valid"):
         load_manifest(folder)

@@ -7,7 +7,7 @@ from scipy import ndimage as ndi
 
 from pipelines.classification import hotspot_box
 from pipelines.preprocess import apply_window, crop_or_pad, normalise_intensity, resize_slices
-from pipelines.segmentation import trace_outline
+from pipelines.segmentation import fill_holes_per_slice, keep_largest_components, trace_outline
 
 
 def test_outline_of_a_square_runs_along_its_border_pixels_and_closes():
@@ -74,3 +74,27 @@ def test_percentile_normalisation_ignores_outliers():
 def test_crop_or_pad_centres_the_image():
     out = crop_or_pad(np.ones((1, 2, 6), np.float32), (4, 4), fill=0.0)
     assert out[0].tolist() == [[0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]]
+
+
+def test_hole_filling_per_slice_matches_binary_fill_holes_and_spares_other_segments():
+    rng = np.random.default_rng(3)
+    blobs = ndi.gaussian_filter(rng.random((6, 64, 80)), (0, 3, 3)) > 0.5
+    labelmap = np.where(blobs, 1, 0).astype(np.uint8)
+    labelmap[2, 30:34, 40:44] = 2  # another segment inside: it stays itself
+    expected = labelmap.copy()
+    for k in range(len(expected)):
+        filled = ndi.binary_fill_holes(expected[k] == 1)
+        expected[k][filled & (expected[k] == 0)] = 1
+    assert (expected != labelmap).any(), "the test needs holes"
+    fill_holes_per_slice(labelmap, 1)
+    assert np.array_equal(labelmap, expected)
+
+
+def test_largest_component_is_kept_and_distant_islands_removed():
+    labelmap = np.zeros((5, 40, 40), np.uint8)
+    labelmap[:, 5:25, 5:25] = 1  # the organ
+    labelmap[2, 33:36, 33:36] = 1  # an island far from it
+    labelmap[0:2, 30:38, 2:6] = 2  # another segment is left alone
+    keep_largest_components(labelmap, 1, keep=1)
+    assert labelmap[:, 5:25, 5:25].all() and not (labelmap[2, 33:36, 33:36] == 1).any()
+    assert (labelmap[0:2, 30:38, 2:6] == 2).all()

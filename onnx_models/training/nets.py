@@ -82,3 +82,27 @@ class OpacityCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logit, logit_map = self.logit_and_map(x)
         return torch.sigmoid(logit), torch.sigmoid(logit_map)
+
+
+class SegmentationGraph(nn.Module):
+    """The exported lung-seg graph: HU slices in, one label per pixel out, all inside ONNX Runtime.
+
+    Window (centre/width in HU) to 0..1, average-pool by ``factor`` (a 512 matrix becomes the 128 × 128
+    the U-Net was trained on, exactly as ``pipelines.preprocess.resize_slices`` averaged blocks in
+    training), the U-Net's softmax, bilinear upsampling of the class probabilities back by ``factor``
+    (so mask edges are not blocky) and the argmax, cast to uint8. Fusing these into the graph lets
+    ONNX Runtime's kernels do the per-pixel work instead of NumPy.
+    """
+
+    def __init__(self, net: nn.Module, center_hu: float, width_hu: float, factor: int = 4) -> None:
+        super().__init__()
+        self.net = net
+        self.low = center_hu - width_hu / 2
+        self.width = width_hu
+        self.factor = factor
+
+    def forward(self, hu: torch.Tensor) -> torch.Tensor:
+        x = torch.clamp((hu - self.low) / self.width, 0.0, 1.0)
+        x = nn.functional.avg_pool2d(x, self.factor)
+        probs = nn.functional.interpolate(self.net(x), scale_factor=self.factor, mode="bilinear", align_corners=False)
+        return probs.argmax(dim=1).to(torch.uint8)

@@ -10,6 +10,7 @@ Writes model.onnx, model.yaml (with the SHA-256), metrics.json (held-out Dice) a
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -28,10 +29,12 @@ from onnx_models.training.common import (
     write_model_folder,
 )
 from onnx_models.training.ct_phantom import LEFT_LUNG, RIGHT_LUNG, make_ct_phantom
-from onnx_models.training.nets import UNet2D
+from onnx_models.training.nets import SegmentationGraph, UNet2D
 from pipelines.preprocess import apply_window, resize_slices
 
 SIZE = 128
+#: Slices the exported graph takes (512 x 512, the usual CT matrix); it pools them to SIZE itself.
+GRAPH_SIZE = 4 * SIZE
 WINDOW = {"center": -300.0, "width": 1400.0}
 HELD_OUT_SEED_OFFSET = 100_000
 
@@ -116,9 +119,15 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     torch.save({"base": base, "state_dict": model.state_dict()}, out / "model.pt")
-    export_torch(model, torch.zeros(1, 1, SIZE, SIZE), out / "model.onnx", "image", ["probabilities"])
-    write_model_folder(out, manifest(args.tiny), metrics)
+    export(model, out, args.tiny, metrics)
     return metrics
+
+
+def export(model: UNet2D, out: Path, tiny: bool, metrics: dict) -> None:
+    """model.onnx = window + pooling + U-Net + upsampling + argmax (:class:`SegmentationGraph`), and model.yaml."""
+    graph = SegmentationGraph(model.eval(), WINDOW["center"], WINDOW["width"], GRAPH_SIZE // SIZE)
+    export_torch(graph, torch.zeros(1, 1, GRAPH_SIZE, GRAPH_SIZE), out / "model.onnx", "hu", ["labels"])
+    write_model_folder(out, manifest(tiny), metrics)
 
 
 def manifest(tiny: bool) -> dict:
@@ -130,17 +139,18 @@ def manifest(tiny: bool) -> dict:
         "modalities": ["CT"],
         "description": "Reference 2D U-Net: left and right lung on axial chest CT. Trained on procedural "
         "phantoms; not for clinical use.",
-        "input": {"name": "image", "layout": "NCHW", "shape": [-1, 1, SIZE, SIZE], "dtype": "float32"},
+        # The graph windows (centre -300 HU, width 1400 HU) and pools to 128 x 128 itself: the pipeline
+        # only resizes slices whose matrix is not 512 x 512.
+        "input": {"name": "hu", "layout": "NCHW", "shape": [-1, 1, GRAPH_SIZE, GRAPH_SIZE], "dtype": "float32"},
         "preprocessing": {
-            "hu_window": WINDOW,
-            "size": [SIZE, SIZE],
+            "size": [GRAPH_SIZE, GRAPH_SIZE],
             "invert_monochrome1": False,
             "channels": 1,
         },
         "outputs": [
             {
-                "name": "probabilities",
-                "kind": "probabilities",
+                "name": "labels",
+                "kind": "labelmap",
                 "units": "1",
                 "labels": [
                     {"number": LEFT_LUNG, "name": "Left lung", **lung_label, "laterality": SCT_LEFT},
@@ -162,7 +172,16 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=60, help="training phantoms (about 25 slices each)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
-    train(parser.parse_args())
+    parser.add_argument("--export-only", action="store_true", help="re-export model.onnx from OUT/model.pt")
+    args = parser.parse_args()
+    if args.export_only:
+        out = Path(args.out)
+        state = torch.load(out / "model.pt", weights_only=True)
+        model = UNet2D(base=state["base"])
+        model.load_state_dict(state["state_dict"])
+        export(model, out, args.tiny, json.loads((out / "metrics.json").read_text()))
+    else:
+        train(args)
 
 
 if __name__ == "__main__":

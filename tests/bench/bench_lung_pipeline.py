@@ -129,13 +129,15 @@ def load(files: list[Path]) -> Volume:
 def torch_eager_seconds(model_dir: Path, batches: list[np.ndarray], threads: int) -> tuple[float, float]:
     import torch
 
-    from onnx_models.training.nets import UNet2D
+    from onnx_models.training.nets import SegmentationGraph, UNet2D
+    from onnx_models.training.train_lung_seg import GRAPH_SIZE, SIZE, WINDOW
 
     torch.set_num_threads(threads)
     state = torch.load(model_dir / "model.pt", weights_only=True)
-    net = UNet2D(base=state["base"])
-    net.load_state_dict(state["state_dict"])
-    net.eval()
+    unet = UNet2D(base=state["base"])
+    unet.load_state_dict(state["state_dict"])
+    # The very graph model.onnx was exported from: window, pooling, U-Net, upsampling, argmax.
+    net = SegmentationGraph(unet.eval(), WINDOW["center"], WINDOW["width"], GRAPH_SIZE // SIZE).eval()
     outputs = []
     with torch.inference_mode():
         net(torch.from_numpy(batches[0][:1]))  # warm-up, as ORT's session creation warms up

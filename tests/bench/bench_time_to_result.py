@@ -1,0 +1,182 @@
+"""Benchmark (issue 4): time to result, from storescu's last instance to SEG and SR stored in Orthanc.
+
+    python3 tests/bench/bench_time_to_result.py [--slices 300] [--stable-after 2] [--rounds 2]
+
+A 300-slice 512 x 512 CT (made from the real TCIA A0002 CT, CC BY 4.0, as in bench_ingest.py) is
+sent by DCMTK storescu to ``ainode serve`` (lung-seg route, results to a real Orthanc), twice per
+round: once by a scanner that is waited for (the study is complete when quiet for
+``stable_after_s``) and once by a sender marked ``complete_on_release`` (a PACS "send to AI").
+The time from storescu's exit (its last instance acknowledged) until both the SEG and the SR are
+listed by Orthanc is split into
+
+- stability wait: the node's last reception until the job was created (the assembler's quiet period),
+- model: the ONNX pipeline (preprocessing + inference + postprocessing, ``jobs.model_s``),
+- the rest: everything else — job pickup, reading the series from the spool, series selection,
+  writing SEG/SR, the outbox and the C-STOREs to Orthanc. Target: under 3 s.
+
+Prints times; asserts nothing (these machines are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import pydicom  # noqa: E402
+
+from tests.bench.bench_ingest import STORESCU, make_study  # noqa: E402
+from tests.peers import OrthancServer, free_port  # noqa: E402
+from tests.support.nodeproc import NodeProcess  # noqa: E402
+
+
+def arrival_watch(orthanc: OrthancServer, study_uid: str, found: dict[str, float], stop: threading.Event) -> None:
+    """Record the wall-clock time at which Orthanc first lists a SEG and an SR of ``study_uid``."""
+    while not stop.is_set() and len(found) < 2:
+        for modality in ("SEG", "SR"):
+            if modality not in found and orthanc.rest(
+                "/tools/find", {"Level": "Series", "Query": {"StudyInstanceUID": study_uid, "Modality": modality}}
+            ):
+                found[modality] = time.time()
+        time.sleep(0.05)
+
+
+def _epoch(value: str | None) -> float:
+    if value is None:
+        return float("nan")
+    stamp = datetime.fromisoformat(value)
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+
+
+def db_times(db: Path, study_uid: str) -> dict[str, float]:
+    with sqlite3.connect(db) as con:
+        last_received = con.execute(
+            "SELECT last_received_at FROM studies WHERE study_instance_uid = ?", (study_uid,)
+        ).fetchone()[0]
+        created, started, finished, model_s, total_s = con.execute(
+            "SELECT j.created_at, j.started_at, j.finished_at, j.model_s, j.total_s FROM jobs j "
+            "JOIN studies s ON s.id = j.study_id WHERE s.study_instance_uid = ? ORDER BY j.id DESC",
+            (study_uid,),
+        ).fetchone()
+        delivered = con.execute(
+            "SELECT max(d.delivered_at) FROM deliveries d JOIN results r ON r.id = d.result_id "
+            "JOIN jobs j ON j.id = r.job_id JOIN studies s ON s.id = j.study_id WHERE s.study_instance_uid = ?",
+            (study_uid,),
+        ).fetchone()[0]
+    return {
+        "last_received": _epoch(last_received),
+        "job_created": _epoch(created),
+        "job_started": _epoch(started),
+        "job_finished": _epoch(finished),
+        "delivered": _epoch(delivered),
+        "model_s": float(model_s),
+        "job_total_s": float(total_s),
+    }
+
+
+def one_run(work: Path, orthanc: OrthancServer, slices: int, stable_after_s: float, on_release: bool) -> dict:
+    study = make_study(work / "study", slices)
+    study_uid = pydicom.dcmread(next(study.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+    port = free_port()
+    config = {
+        "node": {
+            "port": port,
+            "host": "127.0.0.1",
+            "spool_dir": str(work / "spool"),
+            "database_url": f"sqlite:///{work}/node.db",
+            "workers": 1,
+            "log_level": "WARNING",
+        },
+        "peers": {
+            "pacs": {
+                "ae_title": orthanc.aet,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+                "outputs": ["seg", "sr"],
+            },
+            "scanner": {"ae_title": "SCANNER", "host": "127.0.0.1", "port": 1, "complete_on_release": on_release},
+        },
+        "routes": [
+            {
+                "name": "ct-lungs",
+                "match": {"Modality": "CT"},
+                "pipeline": "lung-seg",
+                "destinations": ["pacs"],
+                "stable_after_s": stable_after_s,
+            }
+        ],  # fmt: skip
+    }
+    with NodeProcess(config, work / "node", cli=True) as node:
+        found: dict[str, float] = {}
+        stop = threading.Event()
+        watcher = threading.Thread(target=arrival_watch, args=(orthanc, study_uid, found, stop), daemon=True)
+        watcher.start()
+        sent = subprocess.run(
+            [STORESCU, "-aet", "SCANNER", "-aec", "AINODE", "+sd", "127.0.0.1", str(node.port), str(study)],
+            capture_output=True,
+            text=True,
+        )
+        t_sent = time.time()
+        if sent.returncode != 0:
+            raise RuntimeError(sent.stderr[-500:])
+        watcher.join(600)
+        stop.set()
+        if len(found) < 2:
+            raise RuntimeError(f"results did not arrive: {found}\n{node.log_text()[-2000:]}")
+        times = db_times(work / "node.db", study_uid)
+    t_arrived = max(found.values())
+    total = t_arrived - t_sent
+    stability = max(0.0, times["job_created"] - times["last_received"])
+    model = times["model_s"]
+    return {
+        "mode": "complete on release" if on_release else f"quiet for {stable_after_s:g} s",
+        "total": total,
+        "stability": stability,
+        "model": model,
+        "rest": total - stability - model,
+        "pickup": times["job_started"] - times["job_created"],
+        "job_other": times["job_total_s"] - model,
+        "deliver": t_arrived - times["job_finished"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--stable-after", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ttr-") as tmp, OrthancServer(Path(tmp) / "orthanc") as orthanc:
+        for r in range(args.rounds):
+            for on_release in (False, True):
+                work = Path(tmp) / f"r{r}-{int(on_release)}"
+                rows.append(one_run(work, orthanc, args.slices, args.stable_after, on_release))
+                orthanc.clear()
+                row = rows[-1]
+                print(
+                    f"round {r + 1} {row['mode']:>20}: total {row['total']:6.2f} s = stability {row['stability']:5.2f}"
+                    f" + model {row['model']:5.2f} + rest {row['rest']:5.2f}  (rest: pickup {row['pickup']:.2f},"
+                    f" load/select/write {row['job_other']:.2f}, deliver {row['deliver']:.2f})",
+                    flush=True,
+                )
+    best = min(rows, key=lambda x: x["rest"])
+    worst = max(rows, key=lambda x: x["rest"])
+    print(
+        f"\n{args.slices}-slice CT, lung-seg, SEG+SR to Orthanc: the rest (not stability, not model) "
+        f"{best['rest']:.2f}-{worst['rest']:.2f} s (target < 3 s); model {min(r['model'] for r in rows):.2f}-"
+        f"{max(r['model'] for r in rows):.2f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
