@@ -5,8 +5,8 @@ patient lying on a table; an irregular body outline with subcutaneous fat and mu
 spine and sternum; a mediastinum with heart, aorta, trachea and main bronchi; two lungs whose
 bases sit on diaphragm domes (so the lowest lung slices are posterior crescents around liver
 and spleen), whose apices narrow towards the neck, with vessels, occasional nodules and a
-dependent (posterior) density band of up to about -450 HU; bowel and stomach gas below the diaphragm; partial-volume blur and
-noise. Pixel spacing varies as a 512-matrix scan with 0.6-0.95 mm pixels would.
+dependent (posterior) density band of up to about -450 HU; bowel and stomach gas below the
+diaphragm; partial-volume blur and noise. Pixel spacing varies as a 512-matrix scan with 0.6-0.95 mm pixels would.
 
 Labels come from :func:`classical_lung_mask` applied to the noiseless phantom, split into
 left and right by construction — the same definition the tests use as the reference on real CT.
