@@ -19,7 +19,7 @@ from pipelines.dicom import Equipment, OutputKind, write_results
 from pipelines.results import NotAnalysable, NotAnalysed
 from pipelines.run import run_pipeline
 from pipelines.runtime import ModelRegistry
-from pipelines.select import select_series
+from pipelines.select import select_series, usable_instances
 from pipelines.volume import load_volume
 
 
@@ -48,10 +48,10 @@ class OnnxStudyRunner:
         manifest = model.manifest
         headers = {uid: [dcmread(p, stop_before_pixels=True) for p in paths] for uid, paths in series_files.items()}
         try:
-            chosen = select_series(
-                headers, task=str(getattr(manifest.task, "value", manifest.task)), modalities=list(manifest.modalities)
-            )
-            datasets = [dcmread(p) for p in series_files[chosen]]
+            task, modalities = str(getattr(manifest.task, "value", manifest.task)), list(manifest.modalities)
+            chosen = select_series(headers, task=task, modalities=modalities)
+            paths = series_files[chosen]
+            datasets = [dcmread(paths[i]) for i in usable_instances(headers[chosen], task, modalities)]
             volume = load_volume(datasets)
         except NotAnalysable as exc:
             return RunOutcome(not_analysed=str(exc.outcome))

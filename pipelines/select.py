@@ -57,7 +57,12 @@ def kernel_sharpness(kernel: object) -> float:
     GE: SOFT < STANDARD < DETAIL < LUNG < BONE/EDGE; Philips: A/B soft, C/D/E/L/Y sharper;
     Canon/Toshiba FC: FC01-FC18 body (soft), FC50+ lung/bone. Unknown kernels rank in the middle.
     """
-    text = " ".join(map(str, kernel)) if isinstance(kernel, list | tuple) else str(kernel or "")
+    # Siemens writes two values (Br40d\3: kernel, iterative strength); pydicom gives a MultiValue, which is no list.
+    text = (
+        " ".join(map(str, kernel))
+        if isinstance(kernel, Sequence) and not isinstance(kernel, str)
+        else str(kernel or "")
+    )
     text = text.upper().strip()
     if not text:
         return 50.0
@@ -87,6 +92,17 @@ def _is_axial(ds: Dataset) -> bool:
     return abs(normal[2]) > 0.9
 
 
+_NOT_ORIGINAL = {"LOCALIZER", "DERIVED", "SECONDARY", "SCOUT"}
+
+
+def _is_original(ds: Dataset) -> bool:
+    return not _NOT_ORIGINAL & set(_image_type(ds))
+
+
+def _volumetric(task: str, modalities: Sequence[str]) -> bool:
+    return task == "segmentation" and not set(modalities) & {"CR", "DX", "MG"}
+
+
 def _volume_candidate(uid: str, headers: Sequence[Dataset], modalities: Sequence[str], min_slices: int) -> Candidate:
     first = headers[0]
     modality = str(first.get("Modality", ""))
@@ -97,7 +113,7 @@ def _volume_candidate(uid: str, headers: Sequence[Dataset], modalities: Sequence
     images = [h for h in headers if str(h.get("SOPClassUID")) in VOLUME_CLASSES]
     if not images:
         raise ValueError(f"no {'/'.join(modalities)} image objects (SOP class {first.get('SOPClassUID')})")
-    usable = [h for h in images if not {"LOCALIZER", "DERIVED", "SECONDARY", "SCOUT"} & set(_image_type(h))]
+    usable = [h for h in images if _is_original(h)]
     if not usable:
         raise ValueError(f"only localizer/derived/secondary images (ImageType {'/'.join(_image_type(images[0]))})")
     n = sum(int(h.get("NumberOfFrames", 1) or 1) for h in usable)
@@ -105,7 +121,9 @@ def _volume_candidate(uid: str, headers: Sequence[Dataset], modalities: Sequence
         raise ValueError(f"{n} slices, at least {min_slices} needed")
     if not all(_is_axial(h) for h in usable if "ImageOrientationPatient" in h):
         raise ValueError("not axial")
-    thickness = float(first.get("SliceThickness") or 5.0)
+    # Thickness and kernel of the images that will be analysed (the first file may be a localizer).
+    thickness = float(usable[0].get("SliceThickness") or 5.0)
+    kernel = usable[0].get("ConvolutionKernel")
     # Prefer thin slices, then a soft kernel (segmentation wants little noise), then more slices.
     return Candidate(uid, (-round(thickness, 1), -kernel_sharpness(kernel), n), desc)
 
@@ -146,7 +164,7 @@ def rank_series(
 ) -> tuple[list[Candidate], dict[str, str]]:
     """Candidates best first, and why each other series was rejected."""
     candidates, rejected = [], {}
-    volumetric = task == "segmentation" and not set(modalities) & {"CR", "DX", "MG"}
+    volumetric = _volumetric(task, modalities)
     for uid, headers in series.items():
         if not headers:
             continue
@@ -183,3 +201,22 @@ def select_series(
         why = "; ".join(f"{uid}: {reason}" for uid, reason in rejected.items()) or "the study has no series"
         raise NotAnalysable(NotAnalysedReason.NO_SUITABLE_SERIES, why)
     return candidates[0].series_instance_uid
+
+
+def usable_instances(headers: Sequence[Dataset], task: str, modalities: Sequence[str]) -> list[int]:
+    """Indices of the instances of a chosen series that the pipeline should load.
+
+    A volume takes the original image objects of the series (a localizer or a derived image that
+    shares the series is left out, as selection did when it counted slices); a one-image model takes
+    the single best image (frontal over lateral, "for presentation" over "for processing"), because
+    a radiograph series often holds several views.
+    """
+    if _volumetric(task, modalities):
+        return [i for i, h in enumerate(headers) if str(h.get("SOPClassUID")) in VOLUME_CLASSES and _is_original(h)]
+    scored = []
+    for i, h in enumerate(headers):
+        try:
+            scored.append((_projection_candidate(str(i), [h], modalities, task).score, -i))
+        except ValueError:
+            continue
+    return [-max(scored)[1]] if scored else []

@@ -118,6 +118,17 @@ def _spacing(value: object | None) -> tuple[float, float] | None:
     return (vals[0], vals[1]) if len(vals) == 2 and min(vals) > 0 else None
 
 
+def _floats(value: object | None, count: int) -> np.ndarray | None:
+    """``count`` numbers of a multi-valued attribute; None when absent, of another multiplicity or not numeric."""
+    # A malformed header (one value where three are due) is "no geometry", not a TypeError.
+    if not isinstance(value, Sequence) or isinstance(value, str | bytes) or len(value) != count:
+        return None
+    try:
+        return np.asarray([float(v) for v in value])
+    except (TypeError, ValueError):
+        return None
+
+
 def _frames(ds: Dataset) -> list[_Frame]:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise NotAnalysable(NotAnalysedReason.MISSING_PIXEL_DATA, f"instance {ds.get('SOPInstanceUID')} has no pixels")
@@ -140,8 +151,8 @@ def _frames(ds: Dataset) -> list[_Frame]:
             _Frame(
                 ds=ds,
                 frame_index=i if n > 1 else None,
-                position=np.asarray([float(v) for v in pos]) if pos is not None and len(pos) == 3 else None,
-                orientation=np.asarray([float(v) for v in ori]) if ori is not None and len(ori) == 6 else None,
+                position=_floats(pos, 3),
+                orientation=_floats(ori, 6),
                 pixel_spacing=spacing or (1.0, 1.0),
                 slope=float(slope) if slope not in (None, "") else 1.0,
                 intercept=float(intercept) if intercept not in (None, "") else 0.0,
@@ -217,7 +228,15 @@ def load_volume(
         assert orientation is not None
         if any(not np.allclose(f.orientation, orientation, atol=1e-3) for f in frames):  # type: ignore[arg-type]
             raise NotAnalysable(NotAnalysedReason.INCONSISTENT_GEOMETRY, "slices with different orientations")
-        row_dir, col_dir = _unit(orientation[:3]), _unit(orientation[3:])
+        row_cosines, column_cosines = orientation[:3], orientation[3:]
+        # Broken exporters write all-zero or parallel direction cosines: there is no slice normal to sort along.
+        lengths = float(np.linalg.norm(row_cosines) * np.linalg.norm(column_cosines))
+        if lengths < 1e-6 or np.linalg.norm(np.cross(row_cosines, column_cosines)) / lengths < 0.99:
+            raise NotAnalysable(
+                NotAnalysedReason.INCONSISTENT_GEOMETRY,
+                f"Image Orientation (Patient) {orientation.tolist()} is not two perpendicular directions",
+            )
+        row_dir, col_dir = _unit(row_cosines), _unit(column_cosines)
         normal = _unit(np.cross(row_dir, col_dir))
         along = np.array([float(np.dot(f.position, normal)) for f in frames])  # type: ignore[arg-type]
         order = np.argsort(along, kind="stable")
@@ -272,11 +291,16 @@ def load_volume(
                 raise NotAnalysable(
                     NotAnalysedReason.UNSUPPORTED_PHOTOMETRIC, f"frame has shape {plane.shape}, expected 2D"
                 )
-            pixels[slot] = plane
+            # One pass per slice where possible: converting and rescaling 300 slices is most of the load time.
+            dest = pixels[slot]
             if f.slope != 1.0:
-                pixels[slot] *= f.slope
-            if f.intercept != 0.0:
-                pixels[slot] += f.intercept
+                np.multiply(plane, np.float32(f.slope), out=dest, casting="unsafe")
+                if f.intercept != 0.0:
+                    dest += np.float32(f.intercept)
+            elif f.intercept != 0.0:
+                np.add(plane, np.float32(f.intercept), out=dest, casting="unsafe")
+            else:
+                dest[...] = plane
         del array
 
     if any(str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1" for ds in items):
