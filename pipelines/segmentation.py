@@ -159,17 +159,30 @@ def _nearest_to_grid(low: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 #: slice of a slab separately, which is what "fill holes slice by slice" needs.
 _IN_PLANE = np.zeros((3, 3, 3), bool)
 _IN_PLANE[1] = ndi.generate_binary_structure(2, 1)
-#: Slices per hole-filling call: bounds the int32 label array of the background.
-_HOLE_SLAB = 32
+#: Slices per slab: bounds temporary arrays (and the int32 label array of a slab's background).
+_SLAB = 32
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    """The smallest box (slices, rows, columns) that holds every True voxel of a non-empty mask."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
+def _slabs(n: int, size: int = _SLAB) -> list[slice]:
+    """Runs of slices processed together, so that no temporary array spans the whole volume."""
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _bounding_box(labelmap: np.ndarray, number: int) -> tuple[slice, slice, slice] | None:
+    """The smallest box (slices, rows, columns) that holds segment ``number``; None when it is empty."""
+    in_slice = np.zeros(labelmap.shape[0], bool)
+    in_row = np.zeros(labelmap.shape[1], bool)
+    in_col = np.zeros(labelmap.shape[2], bool)
+    for slab in _slabs(labelmap.shape[0]):
+        mask = labelmap[slab] == number
+        in_slice[slab] = mask.any(axis=(1, 2))
+        in_row |= mask.any(axis=(0, 2))
+        in_col |= mask.any(axis=(0, 1))
+    if not in_slice.any():
+        return None
+    box = [np.flatnonzero(hit) for hit in (in_slice, in_row, in_col)]
+    return (slice(int(box[0][0]), int(box[0][-1]) + 1), slice(int(box[1][0]), int(box[1][-1]) + 1),
+            slice(int(box[2][0]), int(box[2][-1]) + 1))  # fmt: skip
 
 
 def _coarse_any(mask: np.ndarray, factor: int) -> np.ndarray:
@@ -195,10 +208,12 @@ def keep_largest_components(labelmap: np.ndarray, number: int, keep: int, coarse
     Components are found on ``coarse`` x ``coarse`` in-plane blocks (4x fewer voxels to label on a
     512 matrix): an island within ``coarse`` pixels of a kept component counts as part of it.
     """
-    box = _bounding_box(labelmap == number)
+    box = _bounding_box(labelmap, number)
+    if box is None:
+        return
     sub = labelmap[box]
-    mask = sub == number
-    components, n = ndi.label(_coarse_any(mask, coarse))
+    slabs = _slabs(sub.shape[0])
+    components, n = ndi.label(np.concatenate([_coarse_any(sub[s] == number, coarse) for s in slabs]))
     if n <= keep:
         return
     # Component sizes from their bounding boxes: cheap, as all but the kept ones are small islands.
@@ -209,10 +224,12 @@ def keep_largest_components(labelmap: np.ndarray, number: int, keep: int, coarse
     drop = np.ones(n + 1, bool)
     drop[np.argsort(sizes)[::-1][:keep]] = False
     drop[0] = False
-    dropped = drop[components]
-    if coarse > 1:
-        dropped = dropped.repeat(coarse, axis=1).repeat(coarse, axis=2)[:, : mask.shape[1], : mask.shape[2]]
-    sub[dropped & mask] = 0
+    for s in slabs:
+        dropped = drop[components[s]]
+        if coarse > 1:
+            dropped = dropped.repeat(coarse, axis=1).repeat(coarse, axis=2)[:, : sub.shape[1], : sub.shape[2]]
+        part = sub[s]
+        part[dropped & (part == number)] = 0
 
 
 def fill_holes_per_slice(labelmap: np.ndarray, number: int) -> None:
@@ -222,10 +239,12 @@ def fill_holes_per_slice(labelmap: np.ndarray, number: int) -> None:
     box; other segments inside stay themselves. Equivalent to ``binary_fill_holes`` per slice, but one
     labelling call per slab of slices instead of iterated dilations per slice.
     """
-    box = _bounding_box(labelmap == number)
+    box = _bounding_box(labelmap, number)
+    if box is None:
+        return
     sub = labelmap[box]
-    for start in range(0, sub.shape[0], _HOLE_SLAB):
-        slab = sub[start : start + _HOLE_SLAB]
+    for s in _slabs(sub.shape[0]):
+        slab = sub[s]
         outside, _ = ndi.label(slab != number, structure=_IN_PLANE)
         edge = np.zeros(int(outside.max()) + 1, bool)
         for face in (outside[:, 0, :], outside[:, -1, :], outside[:, :, 0], outside[:, :, -1]):
@@ -238,8 +257,6 @@ def postprocess(labelmap: np.ndarray, manifest: ModelManifest) -> np.ndarray:
     """Keep the largest 3D components of each segment and fill holes slice by slice, in place."""
     post = manifest.postprocessing
     for label in manifest.segment_labels:
-        if not (labelmap == label.number).any():
-            continue
         if post.largest_components:
             keep_largest_components(labelmap, label.number, post.largest_components)
         if post.fill_holes:
@@ -287,19 +304,22 @@ def trace_outline(mask: np.ndarray) -> np.ndarray:
 
 
 def segment_statistics(volume: Volume, labelmap: np.ndarray, number: int) -> SegmentStatistics:
-    mask = labelmap == number
-    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
-    count = int(mask.sum())
-    per_slice = mask.sum(axis=(1, 2))
+    """Volume, mean intensity, largest slice and its outline of one segment, a slab at a time."""
+    per_slice = np.zeros(labelmap.shape[0], np.int64)
+    total = 0.0
+    for s in _slabs(labelmap.shape[0]):
+        mask = labelmap[s] == number
+        per_slice[s] = mask.sum(axis=(1, 2))
+        total += float(volume.pixels[s].sum(where=mask, dtype=np.float64))
+    count = int(per_slice.sum())
     largest = int(np.argmax(per_slice))
-    mean = float(volume.pixels[mask].mean()) if count else 0.0
     return SegmentStatistics(
         number=number,
-        volume_ml=count * voxel_ml,
-        mean_intensity=mean,
+        volume_ml=count * volume.voxel_volume_ml,
+        mean_intensity=total / count if count else 0.0,
         intensity_unit="[hnsf'U]" if volume.modality == "CT" else "1",
         largest_slice_index=largest,
-        outline_rc=trace_outline(mask[largest]) if count else np.zeros((0, 2)),
+        outline_rc=trace_outline(labelmap[largest] == number) if count else np.zeros((0, 2)),
     )
 
 

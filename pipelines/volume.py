@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset, dcmread
+from pydicom.pixels import pixel_array
 
 from pipelines.results import NotAnalysable, NotAnalysedReason
 
@@ -163,7 +164,9 @@ def _frames(ds: Dataset) -> list[_Frame]:
 
 def _decode(ds: Dataset) -> np.ndarray:
     try:
-        return ds.pixel_array
+        # pydicom.pixels.pixel_array, unlike Dataset.pixel_array, does not keep the decoded array on the
+        # dataset: the volume is the only full copy (a 300-slice CT would otherwise be held twice).
+        return pixel_array(ds)
     except Exception as exc:  # pydicom raises RuntimeError/NotImplementedError/ValueError by plugin
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax)

@@ -159,7 +159,8 @@ def manifest(tiny: bool) -> dict:
             }
         ],
         "postprocessing": {"largest_components": 1, "fill_holes": True},
-        "batch_size": 16,
+        # 4 slices per call: as fast as 16 on a CPU, and a quarter of the memory ONNX Runtime keeps (62 vs 249 MiB).
+        "batch_size": 4,
     }
 
 
