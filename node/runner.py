@@ -55,6 +55,9 @@ class OnnxStudyRunner:
             volume = load_volume(datasets)
         except NotAnalysable as exc:
             return RunOutcome(not_analysed=str(exc.outcome))
+        for ds in datasets:
+            # The volume holds the pixels now; the writers need headers only (SC renders from the volume).
+            ds.pop(0x7FE00010, None)
         t0 = time.monotonic()
         result = run_pipeline(model, volume)
         model_s = time.monotonic() - t0
