@@ -143,7 +143,11 @@ def _segment_groups(
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=uids.tracking(segment.number, "outline"), identifier=f"{segment.label} (largest slice)"
+                    # The same Tracking UID as the volumetric group and the SEG segment: one tracked structure.
+                    # Viewers join groups by it (OHIF 3 shows volume and HU on the outline, and cannot load
+                    # a group without coordinates that no planar group shares a UID with).
+                    uid=uids.tracking(segment.number),
+                    identifier=f"{segment.label} (largest slice)",
                 ),
                 referenced_region=_polyline(stats.outline_rc, volume.source_frames[stats.largest_slice_index]),
                 finding_category=segment.category,
@@ -195,7 +199,7 @@ def classification_groups(result: ClassificationResult, uids: ResultUids) -> lis
         ),
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=uids.tracking(0, "hotspot"), identifier=f"{result.finding.meaning}: heat map hot spot"
+                uid=uids.tracking(0, "image"), identifier=f"{result.finding.meaning}: heat map hot spot"
             ),
             referenced_region=_polyline(_box(result.hotspot_box_rc), frame),
             finding_type=result.finding,
@@ -238,7 +242,7 @@ def density_groups(result: DensityResult, uids: ResultUids) -> list[Group]:
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=uids.tracking(0, "breast"), identifier=f"Breast region (composition {result.category})"
+                    uid=uids.tracking(0, "image"), identifier=f"Breast region (composition {result.category})"
                 ),
                 referenced_region=_polyline(result.breast_outline_rc, frame),
                 finding_type=c.BREAST_COMPOSITION,

@@ -1,0 +1,424 @@
+"""The radiologist's view: what OHIF v3 shows of the node's DICOM-SEG and TID 1500 SR, in headless Chromium.
+
+The real CT (TCIA Lung-PET-CT-Dx A0002, series 3) goes through the bundled lung-seg model and the node's
+result writers, exactly as the node would send them; the CT, the SEG and the SR are stored in Orthanc, whose
+DICOMweb plugin feeds OHIF (npm ``@ohif/app``, prebuilt, served by :mod:`tests.viewer.ohif` from the same
+origin as a ``/dicom-web`` proxy). Python Playwright drives Debian's chromium.
+
+What a radiologist should see, checked on the page's text and on screenshot pixels:
+
+- the CT, the SEG and the SR series in the study browser;
+- the SEG over the CT: both segments named in the segmentation panel, filled in their panel colours, the left
+  lung on the image's right (radiological convention); OHIF's own segment statistics (volume, mean HU) agree
+  with the volume and mean attenuation our SR states for the segment;
+- the SR: each lung's outline (TID 1410 planar group) on the slice it references, labelled with its area and,
+  joined by Tracking UID, the volume of its TID 1411 group.
+
+Screenshots go to the test's tmp dir; the segmentation view is also copied to ``tests/.cache/viewer-screenshot.png``
+(and the SR outline view to ``tests/.cache/viewer-screenshot-sr.png``).
+Install the viewer with ``bash tests/viewer/install.sh`` (``tests/run.sh`` does).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from tests.viewer.ohif import CHROMIUM, CHROMIUM_ARGS, OhifServer, ohif_dist, ohif_version
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Locator, Page
+
+pytestmark = [pytest.mark.viewer, pytest.mark.orthanc, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "tests" / ".cache"
+CT_SERIES = "series-3-B40f"
+TIMEOUT_MS = 90_000  # per step; the machine is slow and shares its 2 cores
+#: OHIF 3.13's SR loader dies on a measurement group without SCOORD/SCOORD3D (see check_sr_outlines).
+OHIF_SR_CRASH = "reading 'ReferencedSOPSequence'"
+
+
+# -- the study -----------------------------------------------------------------------------------
+@dataclass
+class Planar:
+    """What OHIF should draw for one TID 1410 group of the SR."""
+
+    tracking_id: str
+    side: str  # the finding site's laterality: "Left" or "Right"
+    label: str  # OHIF's rendering of the group's NUM: "Area: 10860.60 mm2"
+    #: The volume of the same tracked structure (TID 1411 group with the same Tracking UID), as OHIF shows it.
+    volume_label: str
+    image_index: int  # 1-based index of the referenced CT image in the series, by Instance Number
+
+
+@dataclass
+class Volumetric:
+    """One TID 1411 group of the SR (per SEG segment)."""
+
+    tracking_id: str
+    segment_number: int
+    volume_ml: float
+    mean_hu: float | None
+
+
+@dataclass
+class LungStudy:
+    study_uid: str
+    seg: Dataset
+    sr: Dataset
+    segment_labels: list[str]
+    planar: list[Planar]
+    volumetric: list[Volumetric]
+
+
+def _code(item: Dataset) -> str:
+    return str(item.ConceptNameCodeSequence[0].CodeMeaning)
+
+
+def _groups(sr: Dataset) -> list[Dataset]:
+    measurements = next(i for i in sr.ContentSequence if _code(i) == "Imaging Measurements")
+    return list(measurements.ContentSequence)
+
+
+def _text(group: Dataset, meaning: str) -> str:
+    return str(next(i.TextValue for i in group.ContentSequence if _code(i) == meaning))
+
+
+def _num(group: Dataset, meaning: str) -> tuple[float, str] | None:
+    for item in group.ContentSequence:
+        if item.ValueType == "NUM" and _code(item) == meaning:
+            value = item.MeasuredValueSequence[0]
+            return float(value.NumericValue), str(value.MeasurementUnitsCodeSequence[0].CodeValue)
+    return None
+
+
+def _laterality(group: Dataset) -> str:
+    site = next(i for i in group.ContentSequence if _code(i) == "Finding Site")
+    laterality = next(i for i in site.ContentSequence if _code(i) == "Laterality")
+    return str(laterality.ConceptCodeSequence[0].CodeMeaning)
+
+
+def _tracking_uid(group: Dataset) -> str:
+    return str(next(i.UID for i in group.ContentSequence if _code(i) == "Tracking Unique Identifier"))
+
+
+def describe_report(sr: Dataset, ct: list[Dataset]) -> tuple[list[Planar], list[Volumetric]]:
+    order = [str(d.SOPInstanceUID) for d in sorted(ct, key=lambda d: int(d.InstanceNumber))]
+    planar, volumetric = [], []
+    volumes = {
+        _tracking_uid(g): _num(g, "Volume")
+        for g in _groups(sr)
+        if not any(i.ValueType == "SCOORD" for i in g.ContentSequence)
+    }
+    for group in _groups(sr):
+        scoords = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
+        if scoords:
+            area = _num(group, "Area")
+            assert area is not None, "a planar lung group without an Area"
+            source = scoords[0].ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            planar.append(
+                Planar(
+                    tracking_id=_text(group, "Tracking Identifier"),
+                    side=_laterality(group),
+                    label=f"Area: {area[0]:.2f} {area[1]}",  # OHIF: `${Number(v).toFixed(2)} ${unit CodeValue}`
+                    volume_label="Volume: {:.2f} {}".format(*volumes[_tracking_uid(group)]),
+                    image_index=order.index(str(source)) + 1,
+                )
+            )
+        else:
+            segment = next(i for i in group.ContentSequence if _code(i) == "Referenced Segment")
+            volume = _num(group, "Volume")
+            mean = _num(group, "Attenuation Coefficient")
+            assert volume is not None and volume[1] == "ml"
+            volumetric.append(
+                Volumetric(
+                    tracking_id=_text(group, "Tracking Identifier"),
+                    segment_number=int(segment.ReferencedSOPSequence[0].ReferencedSegmentNumber),
+                    volume_ml=volume[0],
+                    mean_hu=mean[0] if mean else None,
+                )
+            )
+    return planar, volumetric
+
+
+@pytest.fixture(scope="module")
+def viewer_installed() -> None:
+    """Skip (before starting anything) when the viewer cannot run here."""
+    pytest.importorskip("playwright.sync_api", reason="Python playwright missing (pip install -e '.[test]')")
+    if ohif_dist() is None:
+        pytest.skip("OHIF viewer not installed: run `bash tests/viewer/install.sh` (needs npm and the npm registry)")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"chromium missing at {CHROMIUM} (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def lung_study(viewer_installed: None, orthanc, ct_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LungStudy:
+    """The CT series, its SEG and SR as the node makes them, in Orthanc."""
+    from pipelines.dicom import Equipment, write_results
+    from pipelines.run import run_pipeline
+    from pipelines.runtime import ModelRegistry, bundled_models_dir
+    from pipelines.volume import load_volume
+
+    files = sorted((ct_dir / CT_SERIES).glob("*.dcm"))
+    datasets = [pydicom.dcmread(p) for p in files]
+    result = run_pipeline(ModelRegistry(bundled_models_dir()).get("lung-seg"), load_volume(datasets))
+    equipment = Equipment(
+        manufacturer="dicom-ai-node",
+        model_name="dicom-ai-node",
+        software_versions="0.1.0",
+        device_uid="1.2.826.0.1.3680043.8.498.77",
+        station_name="AINODE",
+    )
+    seg, sr = write_results(result, datasets, equipment, ["seg", "sr"])
+    out = tmp_path_factory.mktemp("viewer-objects")
+    orthanc.clear()
+    for path in files:
+        orthanc.upload(path)
+    for name, ds in (("seg", seg), ("sr", sr)):
+        ds.save_as(out / f"{name}.dcm")
+        orthanc.upload(out / f"{name}.dcm")
+    planar, volumetric = describe_report(sr, datasets)
+    return LungStudy(
+        study_uid=str(datasets[0].StudyInstanceUID),
+        seg=seg,
+        sr=sr,
+        segment_labels=[str(s.SegmentLabel) for s in seg.SegmentSequence],
+        planar=planar,
+        volumetric=volumetric,
+    )
+
+
+@pytest.fixture(scope="module")
+def viewer(orthanc, lung_study: LungStudy) -> Iterator[OhifServer]:
+    with OhifServer(orthanc.http_port) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser(lung_study: LungStudy) -> Iterator[Browser]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        # Playwright gives each launch a fresh temporary profile (user-data-dir).
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@dataclass
+class Viewer:
+    """One browser page on the viewer, with what it logged."""
+
+    page: Page
+    logs: list[str]
+    shots: Path
+
+    def shot(self, name: str) -> Path:
+        path = self.shots / f"{name}.png"
+        self.page.screenshot(path=str(path))
+        return path
+
+    def viewport_pixels(self) -> np.ndarray:
+        """The viewport as RGB pixels (H, W, 3)."""
+        from PIL import Image
+
+        png = self.page.locator('[data-cy="viewport-pane"]').first.screenshot()
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int32)
+
+    def viewport_text(self) -> str:
+        return str(self.page.locator('[data-cy="viewport-pane"]').first.inner_text())
+
+    def logged(self, text: str) -> bool:
+        return any(text in line for line in self.logs)
+
+
+@pytest.fixture
+def ohif(browser: Browser, viewer: OhifServer, lung_study: LungStudy, tmp_path: Path) -> Iterator[Viewer]:
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    logs: list[str] = []
+    page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
+    view = Viewer(page=page, logs=logs, shots=tmp_path)
+    page.goto(viewer.study_url(lung_study.study_uid))
+    # The CT is on screen when the viewport's overlay shows the image index ("I:1 (1/30)").
+    page.locator('[data-cy="viewport-pane"]').get_by_text(re.compile(r"I:\s*\d+ \(\d+/\d+\)")).wait_for()
+    yield view
+    page.screenshot(path=str(tmp_path / "last.png"))  # how the page looked when the test ended, pass or fail
+    (tmp_path / "console.log").write_text("\n".join(logs))
+    context.close()
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def series_thumbnail(view: Viewer, series_number: int) -> Locator:
+    return view.page.locator(f'[data-cy="study-browser-thumbnail-no-image"][data-series="{series_number}"]')
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float = TIMEOUT_MS / 1000, step_s: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(step_s)
+    return check()
+
+
+def colour_mask(pixels: np.ndarray, rgb: tuple[int, int, int], min_chroma: int = 30) -> np.ndarray:
+    """Pixels tinted with ``rgb``: a colour blended with alpha over grey CT keeps the direction of (rgb - min(rgb))."""
+    target = np.asarray(rgb, dtype=float) - min(rgb)
+    target /= np.linalg.norm(target)
+    chroma = pixels - pixels.min(axis=-1, keepdims=True)
+    norm = np.linalg.norm(chroma, axis=-1)
+    cosine = (chroma * target).sum(axis=-1) / np.maximum(norm, 1e-6)
+    return (norm > min_chroma) & (cosine > 0.95)
+
+
+def annotation_mask(pixels: np.ndarray) -> np.ndarray:
+    """Saturated green/yellow/red pixels: cornerstone's annotation colours (the CT itself is grey)."""
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    chroma = pixels.max(axis=-1) - pixels.min(axis=-1)
+    return (np.maximum(r, g) > 180) & (b < 110) & (chroma > 120)
+
+
+def segment_statistics(page: Page, title: str) -> str:
+    """Click a segment in the segmentation panel (the viewport jumps to it) and read its statistics card.
+
+    The card shows on hover once OHIF has computed the statistics (in the background after loading), so hover
+    again until it is there.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    row = page.locator('[data-cy="data-row-title"]', has_text=re.compile(f"^{re.escape(title)}$"))
+    page.mouse.move(5, 995)
+    page.get_by_text("Voxel Count").wait_for(state="hidden")
+    row.click()
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while True:
+        try:
+            page.get_by_text("Voxel Count").wait_for(timeout=5000)
+            break
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                raise
+            page.mouse.move(5, 995)
+            row.hover()
+    body = page.inner_text("body")
+    card = body.rfind(title, 0, body.find("Voxel Count"))
+    return body[card : card + 600]
+
+
+def parse_rgb(style: str) -> tuple[int, int, int]:
+    r, g, b = (int(v) for v in re.findall(r"\d+", style)[:3])
+    return r, g, b
+
+
+def keep(path: Path, name: str) -> None:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, CACHE / name)
+
+
+# -- the tests -----------------------------------------------------------------------------------
+def test_ohif_lists_the_ct_seg_and_sr_series_of_the_study(ohif: Viewer, viewer: OhifServer, lung_study: LungStudy):
+    for ds in (lung_study.seg, lung_study.sr):
+        thumbnail = series_thumbnail(ohif, int(ds.SeriesNumber))
+        thumbnail.wait_for()
+        text = thumbnail.inner_text()
+        assert ds.Modality in text.split() and str(ds.SeriesDescription) in text, text
+    browser_text = ohif.page.locator('[data-cy="studyBrowser-panel"]').inner_text()
+    assert "CT" in browser_text.split() and "30" in browser_text.split(), browser_text
+    drawn = wait_until(lambda: (ohif.viewport_pixels().max(axis=-1) > 40).mean() > 0.1)
+    assert drawn, f"the CT image is not drawn in the viewport: see {ohif.shot('ct')}"
+    failed = [r for r in viewer.requests if r[2] >= 400]
+    assert viewer.requests and not failed, failed
+
+
+def test_ohif_overlays_both_lung_segments_named_and_coloured_with_the_sr_volumes(ohif: Viewer, lung_study: LungStudy):
+    page = ohif.page
+    series_thumbnail(ohif, int(lung_study.seg.SeriesNumber)).dblclick()
+    page.get_by_text("Do you want to open this Segmentation?").wait_for()
+    page.get_by_role("button", name="Yes").click()
+    if not page.locator('[data-cy="data-row"]').first.is_visible():
+        page.locator('[data-cy="panelSegmentation-btn"]').click()
+    rows = page.locator('[data-cy="data-row"]')
+    rows.nth(len(lung_study.segment_labels) - 1).wait_for()
+    titles = [t.strip() for t in rows.locator('[data-cy="data-row-title"]').all_inner_texts()]
+    assert titles == lung_study.segment_labels == ["Left lung", "Right lung"]
+    colours = {
+        title: parse_rgb(rows.nth(i).locator('[data-cy="data-row-colorhex"]').get_attribute("style") or "")
+        for i, title in enumerate(titles)
+    }
+
+    # Clicking a segment jumps to it; hovering it shows OHIF's statistics of it, which must match our TID 1411 group.
+    for number, title in enumerate(titles, start=1):
+        stats = segment_statistics(page, title)
+        volume = re.search(r"Volume\s+([\d.]+)\s*mm", stats)
+        mean = re.search(r"Mean Value\s+(-?[\d.]+)\s*HU", stats)
+        assert volume and mean, stats
+        reported = next(v for v in lung_study.volumetric if v.segment_number == number)
+        assert reported.tracking_id == title
+        assert float(volume.group(1)) / 1000 == pytest.approx(reported.volume_ml, rel=0.005), stats
+        assert reported.mean_hu is not None and abs(float(mean.group(1)) - reported.mean_hu) <= 1.5, stats
+    page.mouse.move(5, 995)  # close the statistics card, keep the slice the last segment jumped to
+    page.get_by_text("Voxel Count").wait_for(state="hidden")
+    page.wait_for_timeout(1500)
+
+    path = ohif.shot("segmentation")
+    keep(path, "viewer-screenshot.png")
+    pixels = ohif.viewport_pixels()
+    area = pixels.shape[0] * pixels.shape[1]
+    masks = {title: colour_mask(pixels, colour) for title, colour in colours.items()}
+    for title, mask in masks.items():
+        assert mask.sum() > 0.01 * area, f"{title} ({colours[title]}) hardly drawn: {mask.sum()} px; see {path}"
+    # Radiological convention (OHIF puts the "R" marker on the left): the patient's left lung is on the right.
+    centre_x = {title: float(np.nonzero(mask)[1].mean()) for title, mask in masks.items()}
+    assert centre_x["Left lung"] > pixels.shape[1] / 2 > centre_x["Right lung"], (centre_x, path)
+
+
+def check_sr_outlines(ohif: Viewer, lung_study: LungStudy, series_number: int, name: str) -> None:
+    """Load one SR series into the viewport; each planar group's outline and area on its slice, one after another."""
+    page = ohif.page
+    series_thumbnail(ohif, series_number).dblclick()
+    first = lung_study.planar[0]
+    loaded = wait_until(lambda: first.label in ohif.viewport_text() or ohif.logged(OHIF_SR_CRASH))
+    # OHIF 3.13's SR loader dies on a measurement group without coordinates that no planar group shares a
+    # Tracking UID with (TypeError on coords[0].ReferencedSOPSequence; the viewport goes blank).
+    assert not ohif.logged(OHIF_SR_CRASH), f"OHIF {ohif_version()} could not load the SR: see {ohif.shot(name)}"
+    assert loaded, f"no {first.label!r} in the viewport: {ohif.viewport_text()!r}"
+    seen: dict[str, float] = {}  # laterality -> mean x of the outline's (and its label's) pixels
+    for index, planar in enumerate(lung_study.planar):
+        if index:
+            page.mouse.move(5, 995)
+            page.locator('[data-cy="viewport-action-arrows-right"]').click()
+        assert wait_until(lambda p=planar: p.label in ohif.viewport_text()), ohif.viewport_text()
+        # Joined by Tracking UID: the outline also carries its lung's volume from the TID 1411 group.
+        assert planar.volume_label in ohif.viewport_text(), (planar.volume_label, ohif.viewport_text())
+        page.wait_for_timeout(1000)
+        shown = re.search(r"I:\s*(\d+)\s*\(", ohif.viewport_text())
+        assert shown and int(shown.group(1)) == planar.image_index, (planar, ohif.viewport_text())
+        path = ohif.shot(f"{name}-{index}")
+        pixels = ohif.viewport_pixels()
+        mask = annotation_mask(pixels)
+        assert mask.sum() > 300, f"{planar.tracking_id}: outline hardly drawn ({mask.sum()} px), see {path}"
+        seen[planar.side] = float(np.nonzero(mask)[1].mean())
+        if index == 0:
+            keep(path, "viewer-screenshot-sr.png")
+    # The left lung's outline (and its label) is drawn right of the right lung's: radiological convention.
+    assert seen["Left"] > seen["Right"], seen
+
+
+def test_ohif_draws_each_lung_outline_of_the_sr_with_its_area_and_volume(ohif: Viewer, lung_study: LungStudy):
+    assert sorted(p.side for p in lung_study.planar) == ["Left", "Right"]
+    check_sr_outlines(ohif, lung_study, int(lung_study.sr.SeriesNumber), "sr")
