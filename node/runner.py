@@ -22,6 +22,9 @@ from pipelines.runtime import ModelRegistry
 from pipelines.select import select_series, usable_instances
 from pipelines.volume import load_volume
 
+#: Elements larger than this (pixel data) are read only when used.
+DEFER_BYTES = 64 * 1024
+
 
 class OnnxStudyRunner:
     def __init__(self, registry: ModelRegistry, equipment: Equipment, *, omit_empty_frames: bool = False) -> None:
@@ -46,12 +49,13 @@ class OnnxStudyRunner:
     def run(self, pipeline: str, series_files: Mapping[str, Sequence[Path]], outputs: set[str]) -> RunOutcome:
         model = self.registry.get(pipeline)
         manifest = model.manifest
-        headers = {uid: [dcmread(p, stop_before_pixels=True) for p in paths] for uid, paths in series_files.items()}
+        # One parse per file: pixel data is deferred (read from the file when the volume is built), so the
+        # headers that selection reads are the datasets that are then loaded.
+        headers = {uid: [dcmread(p, defer_size=DEFER_BYTES) for p in paths] for uid, paths in series_files.items()}
         try:
             task, modalities = str(getattr(manifest.task, "value", manifest.task)), list(manifest.modalities)
             chosen = select_series(headers, task=task, modalities=modalities)
-            paths = series_files[chosen]
-            datasets = [dcmread(paths[i]) for i in usable_instances(headers[chosen], task, modalities)]
+            datasets = [headers[chosen][i] for i in usable_instances(headers[chosen], task, modalities)]
             volume = load_volume(datasets)
         except NotAnalysable as exc:
             return RunOutcome(not_analysed=str(exc.outcome))
