@@ -158,7 +158,12 @@ class NodeApp:
             institution_name=config.node.institution_name,
             station_name=config.node.station_name or config.node.ae_title,
         )
-        return OnnxStudyRunner(registry, equipment)
+        return OnnxStudyRunner(
+            registry,
+            equipment,
+            omit_empty_frames=config.results.omit_empty_seg_frames,
+            batch_size=rt.batch_size,
+        )
 
     def backoff(self) -> Backoff:
         d = self.config.delivery

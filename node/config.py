@@ -123,6 +123,11 @@ class RuntimeSettings(_Strict):
     batch_size: int | None = Field(None, ge=1)
 
 
+class ResultSettings(_Strict):
+    #: Leave DICOM-SEG frames without any segment pixel out. Off by default: OHIF misplaces segments then.
+    omit_empty_seg_frames: bool = False
+
+
 class Peer(_Strict):
     ae_title: AETitle
     host: str
@@ -209,6 +214,7 @@ class Route(_Strict):
 class Config(_Strict):
     node: NodeSettings = NodeSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    results: ResultSettings = ResultSettings()
     peers: dict[str, Peer] = {}
     routes: list[Route] = []
     delivery: RetryPolicy = RetryPolicy()

@@ -27,10 +27,19 @@ DEFER_BYTES = 64 * 1024
 
 
 class OnnxStudyRunner:
-    def __init__(self, registry: ModelRegistry, equipment: Equipment, *, omit_empty_frames: bool = False) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        equipment: Equipment,
+        *,
+        omit_empty_frames: bool = False,
+        batch_size: int | None = None,
+    ) -> None:
         self.registry = registry
         self.equipment = equipment
         self.omit_empty_frames = omit_empty_frames
+        #: Slices per inference call for every model (config ``runtime.batch_size``); None: each manifest's own.
+        self.batch_size = batch_size
 
     def preload(self, pipelines: Iterable[str]) -> dict[str, str]:
         """Load (verify checksum, create the session of) each routed model now; returns problems by name.
@@ -63,7 +72,7 @@ class OnnxStudyRunner:
             # The volume holds the pixels now; the writers need headers only (SC renders from the volume).
             ds.pop(0x7FE00010, None)
         t0 = time.monotonic()
-        result = run_pipeline(model, volume)
+        result = run_pipeline(model, volume, batch_size=self.batch_size)
         model_s = time.monotonic() - t0
         if isinstance(result, NotAnalysed):
             return RunOutcome(not_analysed=str(result), model_s=model_s)

@@ -11,17 +11,17 @@ from pipelines.svm import assess_density
 from pipelines.volume import Volume
 
 
-def run_pipeline(model: LoadedModel, volume: Volume) -> PipelineResult | NotAnalysed:
+def run_pipeline(model: LoadedModel, volume: Volume, batch_size: int | None = None) -> PipelineResult | NotAnalysed:
     """Run ``model`` on ``volume`` and return its plain result.
 
     Unsuitable input (wrong modality, no pixels, not axial, not a single image...) comes back as
     :class:`~pipelines.results.NotAnalysed` with a specific reason; only genuine faults (a broken
-    model, a bug) raise.
+    model, a bug) raise. ``batch_size`` overrides the manifest's slices per inference call (segmentation).
     """
     task = model.manifest.task
     try:
         if task is Task.SEGMENTATION:
-            return segment(model, volume)
+            return segment(model, volume, batch_size)
         if task is Task.CLASSIFICATION:
             return classify(model, volume)
         if task is Task.SVM:

@@ -117,3 +117,23 @@ def test_unsuitable_input_is_reported_as_not_analysed_and_writes_nothing(ct_dir:
     assert run.returncode == 0, run.stdout + run.stderr
     assert "not analysed: no-suitable-series" in run.stdout and "modality CT, not CR/DX" in run.stdout
     assert not list(out.rglob("*.dcm"))
+
+
+def test_config_can_omit_empty_seg_frames(ct_dir: Path, tmp_path: Path):
+    config = tmp_path / "ainode.yaml"
+    config.write_text("results: {omit_empty_seg_frames: true}\n")
+    run = ainode_run(
+        ct_dir / "series-3-B40f",
+        "--out",
+        tmp_path / "out",
+        "--outputs",
+        "seg",
+        "--config",
+        config,
+        "--pipeline",
+        "lung-seg",
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    (seg,) = written(tmp_path / "out")["SEG"]
+    # 30 slices x 2 lungs when every frame is written; the slices above and below a lung are left out.
+    assert 30 <= seg.NumberOfFrames < 60
