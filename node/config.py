@@ -5,8 +5,6 @@ levels), e.g. ``AINODE_NODE__PORT=11113`` or ``AINODE_PEERS__PACS__PORT=4243``; 
 read as YAML scalars, so ``AINODE_NODE__ALLOWED_CALLERS='[CT1, PACS@10.0.0.5]'`` gives a list.
 A bad config is one :class:`ConfigError` naming each bad key and what is wrong with it.
 """
-# TEAM NOTE (node lead, 10:20 UTC): this file already exists, is committed and is used by node/ and the tests.
-# Its owner: extend or improve it in place (keep the public names and signatures); do not replace it wholesale.
 
 from __future__ import annotations
 

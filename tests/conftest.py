@@ -1,6 +1,4 @@
 """Shared fixtures: real peers started once per session, fresh databases per test."""
-# TEAM NOTE (node lead, 10:20 UTC): this file already exists, is committed and is used by node/ and the tests.
-# Its owner: extend or improve it in place (keep the public names and signatures); do not replace it wholesale.
 
 from __future__ import annotations
 

@@ -3,8 +3,6 @@
 Nothing here is a mock: these are the programs a hospital runs. DCMTK is called by its full
 path because pynetdicom installs console scripts with the same names.
 """
-# TEAM NOTE (node lead, 10:20 UTC): this file already exists, is committed and is used by node/ and the tests.
-# Its owner: extend or improve it in place (keep the public names and signatures); do not replace it wholesale.
 
 from __future__ import annotations
 

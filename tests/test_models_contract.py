@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines.manifest import ManifestError, Task, load_manifest
+from pipelines.manifest import ManifestError, Task, load_manifest, parse_manifest
 from pipelines.modelcheck import check_model_dir, models_list_rows
 from pipelines.runtime import (
     ModelIntegrityError,
@@ -165,3 +165,12 @@ def test_models_list_rows_show_each_bundled_model_with_its_provider():
         "lung-seg": "segmentation",
     }
     assert all(r["provider"] == "CPUExecutionProvider" and r["version"] == "1.0.0" for r in rows)
+
+
+def test_readme_worked_example_is_a_valid_manifest():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Bring your own model", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    data = yaml.safe_load(block.replace("9c1d...", "a" * 64))
+    manifest = parse_manifest(data, "README.md")
+    assert manifest.name == "liver-seg" and manifest.task is Task.SEGMENTATION
+    assert manifest.segment_labels[0].type.value == "10200004"
