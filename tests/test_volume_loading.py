@@ -681,17 +681,25 @@ def test_pydicom_test_files_load_to_the_same_pixels_as_their_uncompressed_twins(
     _assert_same_volume(actual, expected)
 
 
-@pytest.mark.parametrize("encoding", list(LOSSLESS))
-def test_series_in_every_lossless_transfer_syntax_loads_to_identical_pixels(tmp_path: Path, encoding: str) -> None:
-    encode, syntax = LOSSLESS[encoding]
-    slices = _series(4)
-    for k, ds in enumerate(slices):
-        ds.PixelData = _noise(k).tobytes()
+def _encoded_series(
+    tmp_path: Path, planes: list[np.ndarray], encode: Callable[[Path, Path], None], syntax: UID, name: str
+) -> tuple[list[Path], list[Path]]:
+    """A series with these pixels saved uncompressed, and its twin encoded (checked to be in ``syntax``)."""
+    slices = _series(len(planes))
+    for ds, plane in zip(slices, planes, strict=True):
+        ds.PixelData = plane.tobytes()
     originals = [_save(ds, tmp_path / f"{k}.dcm") for k, ds in enumerate(slices)]
-    twins = [tmp_path / f"{k}-{encoding}.dcm" for k in range(len(slices))]
+    twins = [tmp_path / f"{k}-{name}.dcm" for k in range(len(slices))]
     for src, dst in zip(originals, twins, strict=True):
         encode(src, dst)
     assert dcmread(twins[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+    return originals, twins
+
+
+@pytest.mark.parametrize("encoding", list(LOSSLESS))
+def test_series_in_every_lossless_transfer_syntax_loads_to_identical_pixels(tmp_path: Path, encoding: str) -> None:
+    encode, syntax = LOSSLESS[encoding]
+    originals, twins = _encoded_series(tmp_path, [_noise(k) for k in range(4)], encode, syntax, encoding)
 
     _assert_same_volume(load_volume(twins[::-1]), load_volume(originals))
 
@@ -736,14 +744,7 @@ LOSSY: dict[str, tuple[Callable[[Path, Path], None], UID, float, float | None]] 
 @pytest.mark.parametrize("encoding", list(LOSSY))
 def test_lossy_transfer_syntaxes_load_close_to_the_original_hounsfield_units(tmp_path: Path, encoding: str) -> None:
     encode, syntax, mean_hu, max_hu = LOSSY[encoding]
-    slices = _series(3)
-    for k, ds in enumerate(slices):
-        ds.PixelData = _smooth_slice(k).tobytes()
-    originals = [_save(ds, tmp_path / f"{k}.dcm") for k, ds in enumerate(slices)]
-    twins = [tmp_path / f"{k}-{encoding}.dcm" for k in range(len(slices))]
-    for src, dst in zip(originals, twins, strict=True):
-        encode(src, dst)
-    assert dcmread(twins[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+    originals, twins = _encoded_series(tmp_path, [_smooth_slice(k) for k in range(3)], encode, syntax, encoding)
 
     expected, actual = load_volume(originals), load_volume(twins)
 

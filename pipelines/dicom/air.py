@@ -58,27 +58,8 @@ class Equipment:
         return self.device_serial_number or self.device_uid
 
 
-def contributing_equipment_item(equipment: Equipment, model: ModelIdentity) -> Dataset:
-    """One Contributing Equipment Sequence item as IHE AIR asks: purpose (99IHE 1630) and device identity."""
-    item = Dataset()
-    item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(PROCESSING_ALGORITHM)]
-    item.Manufacturer = equipment.manufacturer
-    item.ManufacturerModelName = equipment.model_name
-    item.SoftwareVersions = equipment.software_versions
-    item.DeviceSerialNumber = equipment.serial_number
-    item.DeviceUID = equipment.device_uid
-    if equipment.institution_name:
-        item.InstitutionName = equipment.institution_name
-    if equipment.station_name:
-        item.StationName = equipment.station_name
-    item.ContributionDescription = f"AI algorithm {model.name} {model.version}"[:1024]
-    return item
-
-
-def add_air_attributes(ds: Dataset, equipment: Equipment, model: ModelIdentity) -> None:
-    """Append our Contributing Equipment item and General Equipment attributes to a new result object."""
-    existing = list(ds.get("ContributingEquipmentSequence", []))
-    ds.ContributingEquipmentSequence = [*existing, contributing_equipment_item(equipment, model)]
+def _set_device_identity(ds: Dataset, equipment: Equipment) -> None:
+    """The equipment attributes shared by General Equipment and a Contributing Equipment item."""
     ds.Manufacturer = equipment.manufacturer
     ds.ManufacturerModelName = equipment.model_name
     ds.SoftwareVersions = equipment.software_versions
@@ -88,6 +69,22 @@ def add_air_attributes(ds: Dataset, equipment: Equipment, model: ModelIdentity) 
         ds.InstitutionName = equipment.institution_name
     if equipment.station_name:
         ds.StationName = equipment.station_name
+
+
+def contributing_equipment_item(equipment: Equipment, model: ModelIdentity) -> Dataset:
+    """One Contributing Equipment Sequence item as IHE AIR asks: purpose (99IHE 1630) and device identity."""
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(PROCESSING_ALGORITHM)]
+    _set_device_identity(item, equipment)
+    item.ContributionDescription = f"AI algorithm {model.name} {model.version}"[:1024]
+    return item
+
+
+def add_air_attributes(ds: Dataset, equipment: Equipment, model: ModelIdentity) -> None:
+    """Append our Contributing Equipment item and General Equipment attributes to a new result object."""
+    existing = list(ds.get("ContributingEquipmentSequence", []))
+    ds.ContributingEquipmentSequence = [*existing, contributing_equipment_item(equipment, model)]
+    _set_device_identity(ds, equipment)
 
 
 def algorithm_identification(model: ModelIdentity) -> hd.AlgorithmIdentificationSequence:
