@@ -245,7 +245,8 @@ def fill_holes_per_slice(labelmap: np.ndarray, number: int) -> None:
     if box is None:
         return
     sub = labelmap[box]
-    for s in _slabs(sub.shape[0]):
+
+    def fill(s: slice) -> None:
         slab = sub[s]
         outside, _ = ndi.label(slab != number, structure=_IN_PLANE)
         edge = np.zeros(int(outside.max()) + 1, bool)
@@ -253,6 +254,10 @@ def fill_holes_per_slice(labelmap: np.ndarray, number: int) -> None:
             edge[face] = True
         edge[0] = True  # label 0 is the segment itself
         slab[~edge[outside] & (slab == 0)] = number
+
+    # Slabs hold different slices, so they are independent: one per core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(fill, _slabs(sub.shape[0])))
 
 
 #: Components are found on in-plane blocks of about this size (mm): islands closer than that to a kept
