@@ -236,8 +236,11 @@ def test_classification_report_states_the_finding_probability_and_hot_spot(tmp_p
     for group in groups:
         evaluation = next(i for i in items(group, "CODE") if concept(i) == "Pneumonia")
         assert evaluation.ConceptCodeSequence[0].CodeMeaning == "Present"
-        probability = next(i for i in items(group, "NUM") if concept(i) == "Probability")
-        assert float(probability.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.83)
+    # The probability once, in the image-level group; the hot-spot outline shares its Tracking UID.
+    probabilities = [i for group in groups for i in items(group, "NUM") if concept(i) == "Probability"]
+    assert [float(p.MeasuredValueSequence[0].NumericValue) for p in probabilities] == [pytest.approx(0.83)]
+    uids = {i.UID for group in groups for i in items(group, "UIDREF") if concept(i) == "Tracking Unique Identifier"}
+    assert len(uids) == 1
     planar = sr.content.get_planar_roi_measurement_groups()[0]
     points = planar.roi.value
     c0, r0, c1, r1 = result.hotspot_box_rc
@@ -254,10 +257,11 @@ def test_density_report_codes_the_category_and_lists_its_features(tmp_path: Path
     result = density_result(source)
     sr = hd.sr.srread(saved(write_results(result, [source], EQUIPMENT, [OutputKind.SR])[0], tmp_path))
     assert_air(sr, source)
-    group = sr_groups(sr)[0]
-    evaluation = next(i for i in items(group, "CODE") if concept(i) == "Breast composition")
-    assert evaluation.ConceptCodeSequence[0].CodeValue == "129717001"
-    measured = {concept(i): float(i.MeasuredValueSequence[0].NumericValue) for i in items(group, "NUM")}
+    groups = sr_groups(sr)
+    for group in groups:
+        evaluation = next(i for i in items(group, "CODE") if concept(i) == "Breast composition")
+        assert evaluation.ConceptCodeSequence[0].CodeValue == "129717001"
+    measured = {concept(i): float(i.MeasuredValueSequence[0].NumericValue) for g in groups for i in items(g, "NUM")}
     assert measured["Fibroglandular tissue fraction"] == pytest.approx(23.5)
     assert measured["GLCM entropy"] == pytest.approx(5.2)
     assert measured["Probability"] == pytest.approx(0.7)

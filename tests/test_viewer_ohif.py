@@ -12,10 +12,12 @@ What a radiologist should see, checked on the page's text and on screenshot pixe
   lung on the image's right (radiological convention); OHIF's own segment statistics (volume, mean HU) agree
   with the volume and mean attenuation our SR states for the segment;
 - the SR: each lung's outline (TID 1410 planar group) on the slice it references, labelled with its area and,
-  joined by Tracking UID, the volume of its TID 1411 group.
+  joined by Tracking UID, the volume of its TID 1411 group;
+- a chest radiograph phantom through the chest-xray model: the SR's hot-spot box, labelled once with the probability.
 
 Screenshots go to the test's tmp dir; the segmentation view is also copied to ``tests/.cache/viewer-screenshot.png``
-(and the SR outline view to ``tests/.cache/viewer-screenshot-sr.png``).
+(the SR outline view to ``tests/.cache/viewer-screenshot-sr.png``, the radiograph to
+``viewer-screenshot-radiograph.png``).
 Install the viewer with ``bash tests/viewer/install.sh`` (``tests/run.sh`` does).
 """
 
@@ -26,6 +28,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -244,22 +247,31 @@ class Viewer:
         return any(text in line for line in self.logs)
 
 
-@pytest.fixture
-def ohif(browser: Browser, viewer: OhifServer, lung_study: LungStudy, tmp_path: Path) -> Iterator[Viewer]:
+@contextmanager
+def open_study(browser: Browser, url: str, shots: Path) -> Iterator[Viewer]:
+    """A fresh page on the viewer at ``url``, once the first image is on screen; its console kept."""
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     logs: list[str] = []
     page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
     page.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
-    view = Viewer(page=page, logs=logs, shots=tmp_path)
-    page.goto(viewer.study_url(lung_study.study_uid))
-    # The CT is on screen when the viewport's overlay shows the image index ("I:1 (1/30)").
-    page.locator('[data-cy="viewport-pane"]').get_by_text(re.compile(r"I:\s*\d+ \(\d+/\d+\)")).wait_for()
-    yield view
-    page.screenshot(path=str(tmp_path / "last.png"))  # how the page looked when the test ended, pass or fail
-    (tmp_path / "console.log").write_text("\n".join(logs))
-    context.close()
+    view = Viewer(page=page, logs=logs, shots=shots)
+    try:
+        page.goto(url)
+        # The image is on screen when the viewport's overlay shows its index ("I:1 (1/30)", or "1/1").
+        page.locator('[data-cy="viewport-pane"]').get_by_text(re.compile(r"\d+/\d+")).first.wait_for()
+        yield view
+    finally:
+        page.screenshot(path=str(shots / "last.png"))  # how the page looked when the test ended, pass or fail
+        (shots / "console.log").write_text("\n".join(logs))
+        context.close()
+
+
+@pytest.fixture
+def ohif(browser: Browser, viewer: OhifServer, lung_study: LungStudy, tmp_path: Path) -> Iterator[Viewer]:
+    with open_study(browser, viewer.study_url(lung_study.study_uid), tmp_path) as view:
+        yield view
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -422,3 +434,61 @@ def check_sr_outlines(ohif: Viewer, lung_study: LungStudy, series_number: int, n
 def test_ohif_draws_each_lung_outline_of_the_sr_with_its_area_and_volume(ohif: Viewer, lung_study: LungStudy):
     assert sorted(p.side for p in lung_study.planar) == ["Left", "Right"]
     check_sr_outlines(ohif, lung_study, int(lung_study.sr.SeriesNumber), "sr")
+
+
+# -- a radiograph: the classifier's report and heat-map capture ------------------------------------------
+@pytest.fixture(scope="module")
+def radiograph_study(orthanc, lung_study: LungStudy, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A chest radiograph phantom with an opacity, its SR and SC from the chest-xray model, in Orthanc."""
+    from onnx_models.training.xray_phantom import make_xray_phantom
+    from pipelines.dicom import Equipment, write_results
+    from pipelines.run import run_pipeline
+    from pipelines.runtime import ModelRegistry, bundled_models_dir
+    from pipelines.volume import load_volume
+    from tests.dicom_fixtures import CR_IMAGE_STORAGE, radiograph_file
+
+    out = tmp_path_factory.mktemp("radiograph")
+    phantom = make_xray_phantom(np.random.default_rng(1), size=512, opacity=True)
+    source = radiograph_file(out / "cr.dcm", phantom.image, "CR", CR_IMAGE_STORAGE, ViewPosition="PA",
+                             BodyPartExamined="CHEST")  # fmt: skip
+    result = run_pipeline(ModelRegistry(bundled_models_dir()).get("chest-xray"), load_volume([out / "cr.dcm"]))
+    equipment = Equipment(manufacturer="dicom-ai-node", model_name="dicom-ai-node", software_versions="0.1.0",
+                          device_uid="1.2.826.0.1.3680043.8.498.77", station_name="AINODE")  # fmt: skip
+    sr, sc = write_results(result, [source], equipment, ["sr", "sc"])
+    orthanc.upload(out / "cr.dcm")
+    for name, ds in (("sr", sr), ("sc", sc)):
+        ds.save_as(out / f"{name}.dcm")
+        orthanc.upload(out / f"{name}.dcm")
+    return {"study_uid": str(source.StudyInstanceUID), "sr": sr, "result": result}
+
+
+def test_ohif_shows_the_classifier_report_as_a_hot_spot_box_with_its_probability(
+    browser: Browser, viewer: OhifServer, radiograph_study: dict, tmp_path: Path
+):
+    result = radiograph_study["result"]
+    with open_study(browser, viewer.study_url(radiograph_study["study_uid"]), tmp_path) as view:
+        series_thumbnail(view, int(radiograph_study["sr"].SeriesNumber)).dblclick()
+        label = f"Probability: {result.probability:.2f}"
+        shown = lambda: label in view.viewport_text() or view.logged(OHIF_SR_CRASH)  # noqa: E731
+        loaded = wait_until(shown, timeout_s=15)
+        if not loaded:
+            # OHIF 3.13 sometimes adds the SR's annotation (cornerstone's annotation state has it, on the right
+            # image) without redrawing the viewport; its next redraw shows it. Pan the image a little (middle
+            # button), as a reader would, so that it redraws; the label must then be there.
+            pane = view.page.locator('[data-cy="viewport-pane"]').first.bounding_box()
+            assert pane is not None
+            x, y = pane["x"] + pane["width"] / 2, pane["y"] + pane["height"] * 0.8
+            view.page.mouse.move(x, y)
+            view.page.mouse.down(button="middle")
+            view.page.mouse.move(x + 4, y, steps=4)
+            view.page.mouse.up(button="middle")
+            loaded = wait_until(shown)
+        assert not view.logged(OHIF_SR_CRASH), f"OHIF could not load the SR: see {view.shot('crash')}"
+        assert loaded, (label, view.viewport_text())
+        view.page.wait_for_timeout(1000)
+        path = view.shot("hot-spot")
+        keep(path, "viewer-screenshot-radiograph.png")
+        pixels = view.viewport_pixels()
+        box = annotation_mask(pixels)
+        assert box.sum() > 200, f"hot-spot box hardly drawn ({box.sum()} px), see {path}"
+        assert view.viewport_text().count("Probability:") == 1, view.viewport_text()

@@ -7,9 +7,12 @@ One report per pipeline run:
   SCOORD polyline outlines the segment on its largest slice, with that outline's area. OHIF v3 shows
   only TID 1500 content that has coordinates, hence the planar groups.
 - classification: an image-level group (TID 1501) with the finding present/absent at the model's
-  threshold and the probability; a planar ROI around the heat map's hot spot with the same values.
-- SVM: an image-level group with the density category as a coded evaluation and every feature the
-  SVM used as a measurement; a planar ROI outlining the breast region the features were computed on.
+  threshold; a planar ROI around the heat map's hot spot with the same verdict and the probability.
+- SVM: an image-level group with the density category as a coded evaluation; a planar ROI outlining
+  the breast region with the category and every feature the SVM computed there, and the probability.
+
+The groups of one structure or finding share its Tracking UID, so viewers join them; OHIF 3 shows
+the numbers of the group with coordinates, and cannot load a coordinate-less group left alone.
 
 The observer is the device (node, model name and version, device UID); "procedure reported" is the
 imaging procedure of the source images, not the algorithm.
@@ -194,9 +197,9 @@ def classification_groups(result: ClassificationResult, uids: ResultUids) -> lis
             finding_type=result.finding,
             algorithm_id=algorithm,
             qualitative_evaluations=[verdict],
-            measurements=[probability()],
             source_images=[_group_source(frame)],
         ),
+        # The probability goes with the hot spot: viewers show the numbers of the group with coordinates.
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=uids.tracking(0, "image"), identifier=f"{result.finding.meaning}: heat map hot spot"
@@ -226,6 +229,10 @@ def density_groups(result: DensityResult, uids: ResultUids) -> list[Group]:
             algorithm_id=algorithm,
         )
     )
+    # The features were computed inside the breast outline: they are that region's measurements. Without an
+    # outline they go to the image-level group. Viewers show the numbers of the group with coordinates, and
+    # join the groups by their shared Tracking UID.
+    outlined = len(result.breast_outline_rc) >= 2
     groups: list[Group] = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
@@ -234,11 +241,11 @@ def density_groups(result: DensityResult, uids: ResultUids) -> list[Group]:
             finding_type=c.BREAST_COMPOSITION,
             algorithm_id=algorithm,
             qualitative_evaluations=[verdict],
-            measurements=measurements,
+            measurements=None if outlined else measurements,
             source_images=[_group_source(frame)],
         )
     ]
-    if len(result.breast_outline_rc) >= 2:
+    if outlined:
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
@@ -248,6 +255,7 @@ def density_groups(result: DensityResult, uids: ResultUids) -> list[Group]:
                 finding_type=c.BREAST_COMPOSITION,
                 algorithm_id=algorithm,
                 qualitative_evaluations=[verdict],
+                measurements=measurements,
             )
         )
     return groups
