@@ -220,18 +220,22 @@ def keep_largest_components(labelmap: np.ndarray, number: int, keep: int, coarse
         return
     # Component sizes from their bounding boxes: cheap, as all but the kept ones are small islands.
     sizes = np.zeros(n + 1, np.int64)
-    for index, region in enumerate(ndi.find_objects(components), start=1):
+    regions = ndi.find_objects(components)
+    for index, region in enumerate(regions, start=1):
         if region is not None:
             sizes[index] = int(np.count_nonzero(components[region] == index))
-    drop = np.ones(n + 1, bool)
-    drop[np.argsort(sizes)[::-1][:keep]] = False
-    drop[0] = False
-    for s in slabs:
-        dropped = drop[components[s]]
+    kept = set((np.argsort(sizes)[::-1][:keep]).tolist())
+    # Clear each dropped island within its own (coarse) bounding box: they are small, the volume is not.
+    for index, region in enumerate(regions, start=1):
+        if region is None or index in kept:
+            continue
+        island = components[region] == index
         if coarse > 1:
-            dropped = dropped.repeat(coarse, axis=1).repeat(coarse, axis=2)[:, : sub.shape[1], : sub.shape[2]]
-        part = sub[s]
-        part[dropped & (part == number)] = 0
+            island = island.repeat(coarse, axis=1).repeat(coarse, axis=2)
+        fine = (region[0],) + tuple(slice(r.start * coarse, r.stop * coarse) for r in region[1:])
+        part = sub[fine]
+        island = island[:, : part.shape[1], : part.shape[2]]  # the last block may overhang the box
+        part[island & (part == number)] = 0
 
 
 def fill_holes_per_slice(labelmap: np.ndarray, number: int) -> None:

@@ -45,9 +45,10 @@ class SourceFrame:
 class Volume:
     """Pixels of one series in patient space.
 
-    ``pixels`` has shape (slices, rows, columns), float32, in modality units
-    (Hounsfield units for CT after Rescale Slope/Intercept; MONOCHROME1 already
-    inverted so that higher values are brighter). Slices are ordered along the
+    ``pixels`` has shape (slices, rows, columns), in modality units (Hounsfield units
+    for CT after Rescale Slope/Intercept; MONOCHROME1 already inverted so that higher
+    values are brighter): int16 when every value the headers allow is a whole number
+    that fits (a CT of 12 stored bits, slope 1: half the memory of float32), else float32. Slices are ordered along the
     slice normal (increasing ``slice_direction`` · ImagePositionPatient), never by
     InstanceNumber.
     """
@@ -178,6 +179,31 @@ def _decode(ds: Dataset) -> np.ndarray:
         ) from exc
 
 
+_INT16 = np.iinfo(np.int16)
+
+
+def _value_dtype(frames: Sequence[_Frame]) -> type[np.generic]:
+    """int16 when the headers guarantee whole modality values within int16 for every frame, else float32.
+
+    The range is the stored one (Bits Stored, Pixel Representation) shifted by the intercept; a slope
+    other than 1, a fractional intercept, float pixel data or MONOCHROME1 (inverted after loading) give float32.
+    """
+    for f in frames:
+        ds = f.ds
+        if "PixelData" not in ds or f.slope != 1.0 or not float(f.intercept).is_integer():
+            return np.float32
+        if str(ds.get("PhotometricInterpretation", "")).strip() != "MONOCHROME2":
+            return np.float32
+        bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 0)
+        if not 1 <= bits <= 16:
+            return np.float32
+        signed = int(ds.get("PixelRepresentation") or 0) == 1
+        low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        if low + f.intercept < _INT16.min or high + f.intercept > _INT16.max:
+            return np.float32
+    return np.int16
+
+
 def _read(item: Dataset | str | Path) -> Dataset:
     return item if isinstance(item, Dataset) else dcmread(item)
 
@@ -282,9 +308,9 @@ def load_volume(
         origin = np.zeros(3)
         step = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
 
-    # Decode into a preallocated float32 array: peak memory stays near the float volume plus one
-    # decoded instance per core.
-    pixels = np.empty((len(frames), rows, cols), dtype=np.float32)
+    # Decode into a preallocated array: peak memory stays near the volume plus one decoded instance per core.
+    dtype = _value_dtype(frames)
+    pixels = np.empty((len(frames), rows, cols), dtype=dtype)
     slot_of: dict[int, list[tuple[int, _Frame]]] = {}
     for slot, f in enumerate(frames):
         slot_of.setdefault(id(f.ds), []).append((slot, f))
@@ -304,7 +330,9 @@ def load_volume(
                 if f.intercept != 0.0:
                     dest += np.float32(f.intercept)
             elif f.intercept != 0.0:
-                np.add(plane, np.float32(f.intercept), out=dest, casting="unsafe")
+                # int16 volumes: the headers guarantee plane + intercept fits (computed in a wider type).
+                intercept = np.int32(f.intercept) if dtype is np.int16 else np.float32(f.intercept)
+                np.add(plane, intercept, out=dest, casting="unsafe")
             else:
                 dest[...] = plane
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import ndimage as ndi
 
 from pipelines.classification import hotspot_box
@@ -98,3 +99,34 @@ def test_largest_component_is_kept_and_distant_islands_removed():
     keep_largest_components(labelmap, 1, keep=1)
     assert labelmap[:, 5:25, 5:25].all() and not (labelmap[2, 33:36, 33:36] == 1).any()
     assert (labelmap[0:2, 30:38, 2:6] == 2).all()
+
+
+@pytest.mark.parametrize("coarse", [1, 2, 3])
+def test_keeping_the_largest_components_on_a_coarse_grid_matches_labelling_the_whole_volume(coarse: int):
+    # Scattered blobs of two segments over a box whose sides are not multiples of the block size.
+    rng = np.random.default_rng(11)
+    blobs = ndi.gaussian_filter(rng.random((7, 61, 74)), (0.5, 2, 2))
+    labelmap = np.where(blobs > 0.53, 1, np.where(blobs < 0.46, 2, 0)).astype(np.uint8)
+    expected = labelmap.copy()
+    for number in (1, 2):
+        # Reference: components of the block-wise "any" mask (blocks from the segment's bounding box corner),
+        # all but the two largest cleared voxel by voxel.
+        z, r, c = np.nonzero(labelmap == number)
+        box = np.s_[z.min() : z.max() + 1, r.min() : r.max() + 1, c.min() : c.max() + 1]
+        n, rows, cols = labelmap[box].shape
+        pad = np.zeros((n, -(-rows // coarse) * coarse, -(-cols // coarse) * coarse), bool)
+        pad[:, :rows, :cols] = labelmap[box] == number
+        blocks = pad.reshape(n, pad.shape[1] // coarse, coarse, pad.shape[2] // coarse, coarse).any(axis=(2, 4))
+        components, count = ndi.label(blocks)
+        assert count > 3, "the test needs islands"
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        kept = np.isin(components, np.argsort(sizes)[::-1][:2])
+        kept = kept.repeat(coarse, axis=1).repeat(coarse, axis=2)[:, :rows, :cols]
+        sub = expected[box]
+        sub[(sub == number) & ~kept] = 0
+
+    for number in (1, 2):
+        keep_largest_components(labelmap, number, keep=2, coarse=coarse)
+
+    assert np.array_equal(labelmap, expected)

@@ -387,6 +387,23 @@ def test_rescale_slope_and_intercept_give_hounsfield_units_per_slice() -> None:
     assert volume.pixels.dtype == np.float32
 
 
+def test_a_12_bit_ct_loads_as_int16_hounsfield_units_and_a_wider_range_as_float32() -> None:
+    # 12 stored bits, slope 1, intercept -1024: every possible value (-1024..3071 HU) fits int16, half the memory.
+    ct = load_volume(_series(3))
+    assert ct.pixels.dtype == np.int16
+    for k in range(3):
+        np.testing.assert_array_equal(ct.pixels[k], _slice_pixels(k).astype(int) - 1024)
+
+    # 16 stored bits unsigned with the same intercept could reach 64511 HU: int16 would wrap, so float32.
+    wide = _series(2)
+    for ds in wide:
+        ds.BitsStored, ds.HighBit = 16, 15
+        ds.PixelData = (_slice_pixels(int(ds.InstanceNumber) - 1) + 60000).tobytes()
+    volume = load_volume(wide)
+    assert volume.pixels.dtype == np.float32
+    np.testing.assert_array_equal(volume.pixels[1], _slice_pixels(1).astype(float) + 60000 - 1024)
+
+
 def test_missing_rescale_leaves_stored_values() -> None:
     slices = _series(2)
     for ds in slices:
