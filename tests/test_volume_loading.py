@@ -530,15 +530,20 @@ def test_images_of_different_sizes_are_inconsistent_geometry() -> None:
     assert _not_analysable(slices).outcome.reason is NotAnalysedReason.INCONSISTENT_GEOMETRY
 
 
-def test_localizer_mixed_into_an_axial_series_is_inconsistent_geometry() -> None:
-    slices = _series(6)
-    localizer = _ct_slice(
+def _localizer(series_uid: str) -> Dataset:
+    """A coronal LOCALIZER image in the given series, as some scanners put the scout into the axial series."""
+    return _ct_slice(
         (0.0, 0.0, 0.0),
         pixels=_slice_pixels(0),
         orientation=CORONAL,
         image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
-        series_uid=slices[0].SeriesInstanceUID,
+        series_uid=series_uid,
     )
+
+
+def test_localizer_mixed_into_an_axial_series_is_inconsistent_geometry() -> None:
+    slices = _series(6)
+    localizer = _localizer(slices[0].SeriesInstanceUID)
 
     error = _not_analysable([localizer, *slices])
 
@@ -1037,13 +1042,7 @@ def test_study_runner_leaves_a_localizer_that_shares_the_series_out_of_the_volum
         Equipment(manufacturer="dicom-ai-node", model_name="test", software_versions="0", device_uid=generate_uid()),
     )
     slices = _series(20)
-    localizer = _ct_slice(
-        (0.0, 0.0, 0.0),
-        pixels=_slice_pixels(0),
-        orientation=CORONAL,
-        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
-        series_uid=slices[0].SeriesInstanceUID,
-    )
+    localizer = _localizer(slices[0].SeriesInstanceUID)
     files = [_save(ds, tmp_path / f"{k}.dcm") for k, ds in enumerate([localizer, *slices])]
 
     outcome = runner.run("lung-seg", {str(slices[0].SeriesInstanceUID): files}, {"seg"})
