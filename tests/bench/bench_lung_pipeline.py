@@ -164,6 +164,7 @@ def main() -> None:
     runs: list[dict[str, float]] = []  # the first is cold: the node's first study after it started
     with tempfile.TemporaryDirectory() as tmp:
         write_series(Path(tmp), args.slices)
+        os.sync()  # the node fsyncs each instance when it receives it: no write-back left for the run to share
         files = sorted(Path(tmp).glob("*.dcm"))
         base_rss = _rss_mib("VmRSS")
         for _ in range(1 + args.runs):
