@@ -261,7 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_models_check)
 
-    p = with_config(sub.add_parser("run", help="route, run and write results offline, as the node would send them"))
+    p = with_config(
+        sub.add_parser(
+            "run",
+            help="route, run and write results offline, as the node would send them",
+            epilog="exit codes: 0 results written; 1 an unreadable file or a failed pipeline; "
+            "3 nothing failed but no result was written (unrouted or not analysed; reasons printed)",
+        )
+    )
     p.add_argument("inputs", nargs="+", help="DICOM files or folders")
     p.add_argument("--out", required=True, help="folder for the result objects")
     p.add_argument("--pipeline", help="skip routing and run this pipeline")

@@ -1,6 +1,10 @@
 """``ainode run``: route, run and write results without a network, as the node would send them.
 
 For AI engineers checking a model on a study, and for operators reproducing a result.
+
+Exit codes (for scripts): 0 results written and nothing failed; 1 a file could not be read or a
+pipeline failed; 3 nothing failed but no result was written (every series unrouted, or every study
+not analysed: each reason is printed).
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ from pydicom import dcmread
 from node.app import MANUFACTURER, NodeApp, device_uid
 from node.config import Config
 from node.router import Router
+
+
+EXIT_FAILED = 1
+EXIT_NO_RESULT = 3
 
 
 def run_offline(
@@ -31,6 +39,7 @@ def run_offline(
     router = Router(config.routes, own_device_uid=device_uid(config), own_manufacturer=MANUFACTURER)
     runner = NodeApp.make_runner_for(config)
     failures = unreadable
+    written = 0
     for study_uid, series in studies.items():
         if pipeline:
             plan = {pipeline: "--pipeline"}
@@ -58,5 +67,11 @@ def run_offline(
             for ds in outcome.datasets:
                 path = target / f"{ds.Modality}-{ds.SOPInstanceUID}.dcm"
                 ds.save_as(path, enforce_file_format=True)
+                written += 1
                 print(f"study {study_uid}: pipeline {name} ({why}): wrote {path} ({ds.get('SeriesDescription', '')})")
-    return 1 if failures else 0
+    if failures:
+        return EXIT_FAILED
+    if not written:
+        print("no result written: nothing was routed or analysed (reasons above)", file=sys.stderr)
+        return EXIT_NO_RESULT
+    return 0

@@ -111,9 +111,24 @@ def test_mammogram_gets_a_density_report(tmp_path: Path):
 def test_unsuitable_input_is_reported_as_not_analysed_and_writes_nothing(ct_dir: Path, tmp_path: Path):
     out = tmp_path / "out"
     run = ainode_run(ct_dir / "series-3-B40f", "--out", out, "--pipeline", "chest-xray")
-    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.returncode == 3, run.stdout + run.stderr  # nothing failed, nothing written: scripts can tell
     assert "not analysed: no-suitable-series" in run.stdout and "modality CT, not CR/DX" in run.stdout
     assert not list(out.rglob("*.dcm"))
+
+
+def test_exit_code_tells_a_script_whether_anything_was_written(tmp_path: Path):
+    from pydicom.data import get_testdata_file
+
+    mr = get_testdata_file("MR_small.dcm")  # no route for MR among the defaults
+    run = ainode_run(mr, "--out", tmp_path / "out")
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "series not routed: " in run.stdout and "no result written" in run.stderr
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom")
+    run = ainode_run(junk, mr, "--out", tmp_path / "out")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert f"{junk}: not a readable DICOM file" in run.stderr
+    assert not list((tmp_path / "out").rglob("*.dcm"))
 
 
 def test_config_can_omit_empty_seg_frames(ct_dir: Path, tmp_path: Path):
