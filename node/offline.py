@@ -19,7 +19,6 @@ from node.app import MANUFACTURER, NodeApp, device_uid
 from node.config import Config
 from node.router import Router
 
-
 EXIT_FAILED = 1
 EXIT_NO_RESULT = 3
 
