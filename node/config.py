@@ -277,6 +277,11 @@ def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith(("function-", "tagged-"))))
 
 
+def default_routes() -> list[dict[str, Any]]:
+    """The embedded default routes (CT, CR/DX, MG to the bundled models, results back to the sender)."""
+    return list(yaml.safe_load(DEFAULT_CONFIG.read_text())["routes"])
+
+
 def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
     if path is None and env.get("AINODE_CONFIG"):
@@ -295,6 +300,9 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
         raise ConfigError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections (node, peers, routes, ...)")
+    if "routes" not in data:
+        # A file without a routes section keeps the default routes; a routes list (even []) replaces them.
+        data["routes"] = default_routes()
     for key_path, value, var in _env_overrides(env):
         _apply(data, key_path, value, var)
     try:

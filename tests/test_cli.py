@@ -75,6 +75,17 @@ def test_environment_overrides_any_key(tmp_path):
     assert result.returncode == 2 and "node.no_such_key: unknown key" in result.stderr
 
 
+def test_a_config_without_routes_keeps_the_default_routes_and_a_routes_list_replaces_them(tmp_path):
+    defaults = "ct-lungs -> lung-seg -> sender; cr-dx-chest -> chest-xray -> sender; mg-density -> breast-density"
+    result = ainode("config", "check", str(write_config(tmp_path, {"node": {"port": 11113}})))
+    assert result.returncode == 0 and f"routes: {defaults}" in result.stdout, result.stdout
+    only_ct = {"routes": [{"name": "ct", "match": {"Modality": "CT"}, "pipeline": "lung-seg"}]}
+    result = ainode("config", "check", str(write_config(tmp_path, only_ct)))
+    assert result.returncode == 0 and "routes: ct -> lung-seg -> sender\n" in result.stdout + "\n", result.stdout
+    result = ainode("config", "check", str(write_config(tmp_path, {"routes": []})))
+    assert result.returncode == 0 and "routes: none" in result.stdout, result.stdout
+
+
 def test_route_test_explains_each_file():
     ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
     result = ainode("route-test", ct, mr)
