@@ -29,7 +29,7 @@ from node.runner import DEFER_BYTES  # noqa: E402
 from onnx_models.training.ct_phantom import make_ct_phantom  # noqa: E402
 from pipelines.runtime import ModelRegistry, bundled_models_dir  # noqa: E402
 from pipelines.segmentation import model_input, segment  # noqa: E402
-from pipelines.volume import SourceFrame, Volume  # noqa: E402
+from pipelines.volume import Volume, load_volume  # noqa: E402
 
 CT_DIR = Path(
     os.environ.get("AINODE_TEST_CT_DIR", Path(__file__).resolve().parents[3] / "shared/data/ct-chest-tcia-A0002")
@@ -100,33 +100,7 @@ def _dataset(template, pixels, study_uid, series_uid, index, z) -> pydicom.Datas
 
 def load(files: list[Path]) -> Volume:
     # As the node's runner reads a series: headers parsed once, pixel data read when the volume is built.
-    datasets = [pydicom.dcmread(f, defer_size=DEFER_BYTES) for f in files]
-    try:
-        from pipelines.volume import load_volume  # type: ignore[attr-defined]
-    except ImportError:
-        load_volume = None
-    if load_volume is not None:
-        return load_volume(datasets)
-    datasets.sort(key=lambda d: float(d.ImagePositionPatient[2]))
-    pixels = np.empty((len(datasets), datasets[0].Rows, datasets[0].Columns), np.float32)
-    for i, d in enumerate(datasets):
-        pixels[i] = d.pixel_array
-        pixels[i] += float(d.RescaleIntercept)
-    d0 = datasets[0]
-    dz = float(datasets[1].ImagePositionPatient[2]) - float(d0.ImagePositionPatient[2])
-    return Volume(
-        pixels=pixels,
-        origin_mm=np.array(d0.ImagePositionPatient, float),
-        spacing_mm=(dz, float(d0.PixelSpacing[0]), float(d0.PixelSpacing[1])),
-        row_direction=np.array([1.0, 0, 0]),
-        column_direction=np.array([0, 1.0, 0]),
-        slice_direction=np.array([0, 0, 1.0]),
-        source_frames=[SourceFrame(d.SOPClassUID, d.SOPInstanceUID) for d in datasets],
-        study_instance_uid=d0.StudyInstanceUID,
-        series_instance_uid=d0.SeriesInstanceUID,
-        frame_of_reference_uid=d0.FrameOfReferenceUID,
-        modality="CT",
-    )
+    return load_volume([pydicom.dcmread(f, defer_size=DEFER_BYTES) for f in files])
 
 
 def torch_eager_seconds(model_dir: Path, batches: list[np.ndarray], threads: int) -> tuple[float, float]:
