@@ -1,4 +1,4 @@
-"""Real peers for the tests, on loopback in temp dirs: DCMTK, Orthanc, PostgreSQL, dciodvfy.
+"""Real peers for the tests, on loopback in temp dirs: DCMTK, Orthanc, PostgreSQL, dciodvfy, OpenJPH.
 
 Nothing here is a mock: these are the programs a hospital runs. DCMTK is called by its full
 path because pynetdicom installs console scripts with the same names.
@@ -29,6 +29,7 @@ ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DCIODVFY = Path("/usr/bin/dciodvfy")
+OJPH_COMPRESS = Path("/usr/bin/ojph_compress")  # Debian openjph-tools
 
 
 def free_port() -> int:
@@ -86,6 +87,36 @@ def dciodvfy_errors(path: Path | str) -> list[str]:
     """Lines starting with "Error" that dicom3tools' dciodvfy prints for ``path``."""
     out = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=300)
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+# -- OpenJPH: High-Throughput JPEG 2000, which neither DCMTK 3.6.7 nor pydicom can write ------------
+def htj2k_encode(src: Path, dst: Path, syntax: str, *options: str) -> None:
+    """Write ``src`` as ``dst`` in an HTJ2K transfer syntax: one ``ojph_compress`` codestream per frame.
+
+    ``options`` go to ``ojph_compress`` (``-reversible true`` for lossless; ``-qstep`` for lossy).
+    Skips the calling test when OpenJPH is not installed.
+    """
+    import pytest
+    from pydicom.encaps import encapsulate
+
+    if not OJPH_COMPRESS.is_file():
+        pytest.skip(f"OpenJPH encoder missing at {OJPH_COMPRESS} (apt-get install openjph-tools)")
+    ds = pydicom.dcmread(src)
+    signed = int(ds.PixelRepresentation) == 1
+    codestreams = []
+    for index, frame in enumerate(ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))):
+        raw, j2c = dst.with_suffix(f".{index}.yuv"), dst.with_suffix(f".{index}.j2c")
+        frame.astype("<i2" if signed else "<u2").tofile(raw)  # raw samples of the stored values
+        args = ["-i", raw, "-o", j2c, "-dims", f"{{{ds.Columns},{ds.Rows}}}", "-num_comps", "1",
+                "-signed", str(signed).lower(), "-bit_depth", str(ds.BitsStored), "-downsamp", "{1,1}"]  # fmt: skip
+        subprocess.run([str(OJPH_COMPRESS), *map(str, args), *options], check=True, capture_output=True, timeout=60)
+        codestreams.append(j2c.read_bytes())
+        raw.unlink()
+        j2c.unlink()
+    ds.PixelData = encapsulate(codestreams)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
+    ds.save_as(dst, enforce_file_format=True)
 
 
 # -- Orthanc -------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-echo "== Debian packages: dcmtk dicom3tools orthanc orthanc-dicomweb postgresql chromium"
+echo "== Debian packages: dcmtk dicom3tools orthanc orthanc-dicomweb postgresql chromium openjph-tools"
 need=()
-for pkg in dcmtk dicom3tools orthanc orthanc-dicomweb postgresql chromium; do
+for pkg in dcmtk dicom3tools orthanc orthanc-dicomweb postgresql chromium openjph-tools; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

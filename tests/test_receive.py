@@ -8,10 +8,11 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import HTJ2K, HTJ2KLossless
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from tests.peers import echoscu, storescu
+from tests.peers import echoscu, htj2k_encode, storescu
 from tests.support.inprocess import start_receiver
 
 pytestmark = pytest.mark.dcmtk
@@ -92,6 +93,24 @@ def test_real_ct_compressed_by_dcmtk_is_received_as_sent(receiver, tmp_path, ct_
     assert made.returncode == 0, made.stderr
     assert pydicom.dcmread(compressed).file_meta.TransferSyntaxUID == syntax
     assert storescu(compressed, receiver.port, called_ae="AINODE", extra_args=[option]).returncode == 0
+    _check_kept_as_sent(receiver, compressed)
+
+
+@pytest.mark.parametrize(("syntax", "options"), [(HTJ2KLossless, ["-reversible", "true"]), (HTJ2K, ["-qstep", "0.01"])])
+def test_high_throughput_jpeg_2000_is_received_as_sent(receiver, tmp_path, syntax, options):
+    # DCMTK 3.6.7 knows no HTJ2K syntax, so pynetdicom sends what OpenJPH encoded (a CT slice from pydicom).
+    compressed = tmp_path / "htj2k.dcm"
+    htj2k_encode(Path(get_testdata_file("CT_small.dcm")), compressed, syntax, *options)
+    ae = AE(ae_title="HTJ2KSCU")
+    ae.add_requested_context(CTImageStorage, [syntax])
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="AINODE")
+    assert assoc.is_established
+    try:
+        (context,) = assoc.accepted_contexts
+        assert context.transfer_syntax[0] == syntax
+        assert int(assoc.send_c_store(pydicom.dcmread(compressed)).Status) == 0x0000
+    finally:
+        assoc.release()
     _check_kept_as_sent(receiver, compressed)
 
 

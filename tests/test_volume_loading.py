@@ -2,7 +2,9 @@
 
 Most tests build tiny synthetic datasets (32 x 32 pixels) in the test, so they need no data on disk.
 Compressed twins come from pydicom's bundled test files, from DCMTK's encoders (called by full path,
-because pynetdicom installs scripts with similar names) and from pydicom's own encoders. Tests that
+because pynetdicom installs scripts with similar names), from pydicom's own encoders and, for High-Throughput
+JPEG 2000 (which neither DCMTK 3.6.7 nor pydicom can write), from OpenJPH's ``ojph_compress`` (Debian
+``openjph-tools``). Tests that
 need the real chest CT take the ``ct_dir`` fixture, which skips with a reason where it is absent.
 """
 
@@ -20,11 +22,13 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
+    HTJ2K,
     JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -39,6 +43,7 @@ from pydicom.uid import (
 from pipelines.results import NotAnalysable, NotAnalysedReason
 from pipelines.select import kernel_sharpness, rank_series, select_series
 from pipelines.volume import Volume, load_volume
+from tests.peers import htj2k_encode
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -271,6 +276,13 @@ def _with_dcmtk(tool: str, *args: str) -> Callable[[Path, Path], None]:
     return encode
 
 
+def _with_openjph(syntax: UID, *options: str) -> Callable[[Path, Path], None]:
+    def encode(src: Path, dst: Path) -> None:
+        htj2k_encode(src, dst, syntax, *options)
+
+    return encode
+
+
 #: Lossless encodings: (encoder, the transfer syntax it must produce). Each must decode to identical pixels.
 LOSSLESS: dict[str, tuple[Callable[[Path, Path], None], UID]] = {
     "implicit-vr-little-endian": (_with_dcmtk("dcmconv", "+ti"), ImplicitVRLittleEndian),
@@ -283,6 +295,7 @@ LOSSLESS: dict[str, tuple[Callable[[Path, Path], None], UID]] = {
     "jpeg-ls-lossless-dcmtk": (_with_dcmtk("dcmcjpls", "+el"), JPEGLSLossless),
     "jpeg-ls-lossless-pyjpegls": (_with_pydicom_encoder(JPEGLSLossless), JPEGLSLossless),
     "jpeg-2000-lossless": (_with_pydicom_encoder(JPEG2000Lossless), JPEG2000Lossless),
+    "htj2k-lossless-openjph": (_with_openjph(HTJ2KLossless, "-reversible", "true"), HTJ2KLossless),
 }
 
 
@@ -760,6 +773,9 @@ LOSSY: dict[str, tuple[Callable[[Path, Path], None], UID, float, float | None]] 
     "jpeg-baseline-8bit": (_with_dcmtk("dcmcjpeg", "+eb"), JPEGBaseline8Bit, 40.0, None),
     "jpeg-extended-12bit": (_with_dcmtk("dcmcjpeg", "+ee"), JPEGExtended12Bit, 10.0, None),
     "jpeg-2000-lossy-3to1": (_with_pydicom_encoder(JPEG2000, j2k_cr=[3]), JPEG2000, 30.0, None),
+    # Irreversible 9/7 wavelet. Two decomposition levels suit 32 x 32 test images (OpenJPH 0.9 mis-encodes
+    # them at its default five, whichever decoder reads them; 256 x 256 images come back right at five).
+    "htj2k-lossy": (_with_openjph(HTJ2K, "-qstep", "0.005", "-num_decomps", "2"), HTJ2K, 30.0, None),
 }
 
 
