@@ -2,10 +2,10 @@
 
 Most tests build tiny synthetic datasets (32 x 32 pixels) in the test, so they need no data on disk.
 Compressed twins come from pydicom's bundled test files, from DCMTK's encoders (called by full path,
-because pynetdicom installs scripts with similar names), from pydicom's own encoders and, for High-Throughput
-JPEG 2000 (which neither DCMTK 3.6.7 nor pydicom can write), from OpenJPH's ``ojph_compress`` (Debian
-``openjph-tools``). Tests that
-need the real chest CT take the ``ct_dir`` fixture, which skips with a reason where it is absent.
+because pynetdicom installs scripts with similar names), from pydicom's own encoders and, for
+High-Throughput JPEG 2000 (which neither DCMTK 3.6.7 nor pydicom can write), from OpenJPH's
+``ojph_compress`` (Debian ``openjph-tools``). Tests that need the real chest CT take the ``ct_dir``
+fixture, which skips with a reason where it is absent.
 """
 
 from __future__ import annotations
