@@ -58,8 +58,9 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
-    # Store the enum's value (readable in SQL) and use a CHECK constraint rather than a
-    # native PostgreSQL ENUM type, so migrations stay identical on both backends.
+    # Store the enum's value (readable in SQL) in a VARCHAR rather than a native PostgreSQL
+    # ENUM type, so migrations stay identical on both backends. No CHECK constraint either
+    # (SQLAlchemy 2's default for non-native enums): a new state needs no migration.
     return Enum(cls, name=name, native_enum=False, values_callable=lambda e: [m.value for m in e], length=32)
 
 
@@ -81,7 +82,12 @@ class JobState(str, enum.Enum):
 class DeliveryState(str, enum.Enum):
     PENDING = "pending"
     DELIVERED = "delivered"
-    FAILED = "failed"  # gave up after the retry policy's give_up_after_s
+    #: Gave up after the retry policy's give_up_after_s, or the peer does not take this kind of result.
+    FAILED = "failed"
+    #: The destination names no configured peer (yet): re-checked periodically, no attempt counted,
+    #: never given up. ``last_error`` says what is missing. The column has no CHECK constraint
+    #: (non-native enum, SQLAlchemy 2 default), so this value needs no migration.
+    WAITING = "waiting"
 
 
 class Study(Base):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Delivery, DeliveryState, Job, JobState, utcnow
+from db.models import Delivery, DeliveryState, Job, JobState, Study, StudyState, utcnow
 
 
 def process_identity(suffix: str = "") -> str:
@@ -104,21 +105,34 @@ def reclaim_stale_jobs(
 
 
 def lease_due_deliveries(
-    sessions: sessionmaker[Session], owner: str, *, lease_s: float, limit: int = 200, now: datetime | None = None
+    sessions: sessionmaker[Session],
+    owner: str,
+    *,
+    lease_s: float,
+    limit: int = 200,
+    now: datetime | None = None,
+    only: Sequence[int] | None = None,
 ) -> list[int]:
-    """Take the deliveries that are due and not held by another sender; returns their ids."""
+    """Take the deliveries that are due and not held by another sender; returns their ids.
+
+    Pending deliveries are due for an attempt; waiting ones for a new look at the configuration
+    (is their peer known now?). ``only`` restricts the lease to these delivery ids. Rows this
+    owner holds already (an operator's retry leases what it made due) are taken too.
+    """
     now = now or utcnow()
     with sessions() as session, session.begin():
         stmt = (
             select(Delivery)
             .where(
-                Delivery.state == DeliveryState.PENDING,
+                Delivery.state.in_([DeliveryState.PENDING, DeliveryState.WAITING]),
                 Delivery.next_attempt_at <= now,
-                or_(Delivery.leased_until.is_(None), Delivery.leased_until < now),
+                or_(Delivery.leased_until.is_(None), Delivery.leased_until < now, Delivery.leased_by == owner),
             )
             .order_by(Delivery.next_attempt_at, Delivery.id)
             .limit(limit)
         )
+        if only is not None:
+            stmt = stmt.where(Delivery.id.in_(list(only)))
         if session.get_bind().dialect.name == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True)
         rows = list(session.scalars(stmt))
@@ -126,3 +140,46 @@ def lease_due_deliveries(
             row.leased_until = now + timedelta(seconds=lease_s)
             row.leased_by = owner
         return [row.id for row in rows]
+
+
+# -- operator actions ----------------------------------------------------------------------------
+OPEN_JOB_STATES = (JobState.QUEUED, JobState.RUNNING)
+
+
+def requeue_job(session: Session, job: Job, reason: str) -> JobState:
+    """Queue an ended job again (operator retry or reprocess); returns the state it had.
+
+    The crash counter starts again (a re-run is a new run), and a processed study of the same
+    version becomes queued until this job ends too. Raises ValueError for a queued or running job.
+    """
+    previous = job.state
+    if previous in OPEN_JOB_STATES:
+        raise ValueError(f"job {job.id} is {previous.value}")
+    job.state = JobState.QUEUED
+    job.reason = reason
+    job.claimed_by = None
+    job.attempts = 0
+    job.finished_at = None
+    study = session.get(Study, job.study_id)
+    if (
+        study is not None
+        and study.version == job.study_version
+        and study.state in (StudyState.PROCESSED, StudyState.UNROUTED)
+    ):
+        study.state = StudyState.QUEUED
+    return previous
+
+
+def make_delivery_due(row: Delivery, now: datetime) -> None:
+    """Send this delivery again from the start (a re-made result, an operator's retry).
+
+    A live lease is left alone: the sender holding it records the outcome of the attempt it is
+    making, and no row is ever sent by two processes at once. The attempt count starts again, so
+    the retry policy gives the new sending its whole give-up window.
+    """
+    row.state = DeliveryState.PENDING
+    row.attempts = 0
+    row.next_attempt_at = now
+    row.last_status = None
+    row.last_error = None
+    row.delivered_at = None

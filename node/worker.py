@@ -15,6 +15,7 @@ import traceback
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -35,7 +36,7 @@ from db.models import (
     StudyState,
     utcnow,
 )
-from db.queue import claim_next_job, heartbeat
+from db.queue import claim_next_job, heartbeat, make_delivery_due
 from node.spool import Spool
 
 log = logging.getLogger("ainode.worker")
@@ -55,6 +56,33 @@ def result_kind(ds: Dataset) -> str:
     return "sc"
 
 
+#: A job reason is one line an operator reads in ``ainode status``; longer messages are cut.
+MAX_REASON_CHARS = 500
+
+
+def _first_line(text: str) -> str:
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 1] + "…"
+
+
+def one_line_reason(exc: BaseException) -> str:
+    """``ExceptionClass: first line of its message`` — what a job (or delivery) records as its reason.
+
+    A database error names the driver's exception and the first line of the driver's message
+    (``IntegrityError: UNIQUE constraint failed: results.sop_instance_uid``): never the SQL
+    statement nor its parameters, which SQLAlchemy appends and which may hold patient data.
+    """
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return f"{type(exc.orig).__name__}: {_first_line(str(exc.orig))}".rstrip(": ")
+    if isinstance(exc, SQLAlchemyError):
+        # Without the "[SQL: ...]" and "(Background on this error at: ...)" parts SQLAlchemy adds.
+        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else ""
+        return f"{type(exc).__name__}: {_first_line(message.split('[SQL:')[0])}".rstrip(": ")
+    return f"{type(exc).__name__}: {_first_line(str(exc))}".rstrip(": ")
+
+
 @dataclass
 class RunOutcome:
     """What a pipeline run produced for one job."""
@@ -63,6 +91,8 @@ class RunOutcome:
     #: Set when the study was not analysed (unsuitable input): the job ends "not-applicable".
     not_analysed: str | None = None
     model_s: float | None = None
+    #: Which series the pipeline took and why each other was skipped (UIDs, series numbers and descriptions).
+    selection: str | None = None
 
 
 class StudyRunner(Protocol):
@@ -140,11 +170,15 @@ class Worker:
             outputs = set().union(*(d.outputs for d in destinations)) if destinations else {"seg", "sr"}
             outcome = self.runner.run(job.pipeline, files, outputs)
         except Exception as exc:  # a pipeline exception fails this job only (invariant 6)
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = one_line_reason(exc)
             log.error("job %d study %s failed: %s", job.id, study_uid, reason)
             log.debug("job %d traceback:\n%s", job.id, traceback.format_exc())
             self._finish(job.id, JobState.FAILED, reason, time.monotonic() - started, None)
             return
+        if outcome.selection is not None:  # shown by `ainode status` with the job
+            with self.sessions() as session, session.begin():
+                session.add(AuditEvent(kind="selection", actor=self.worker_id, subject=str(job.id),
+                                       detail=outcome.selection))  # fmt: skip
         if outcome.not_analysed is not None:
             log.info("job %d study %s not analysed: %s", job.id, study_uid, outcome.not_analysed)
             self._finish(
@@ -154,8 +188,9 @@ class Worker:
         try:
             self._store_results(job, study_uid, outcome, destinations, unresolved, started)
         except Exception as exc:
-            reason = f"could not store results: {type(exc).__name__}: {exc}"
+            reason = f"could not store results: {one_line_reason(exc)}"
             log.error("job %d study %s failed: %s", job.id, study_uid, reason)
+            log.debug("job %d traceback:\n%s", job.id, traceback.format_exc())
             self._finish(job.id, JobState.FAILED, reason, time.monotonic() - started, outcome.model_s)
             return
         if self.on_result is not None:
@@ -194,42 +229,24 @@ class Worker:
                 # Another worker took the job over (our lease expired): its results win.
                 log.warning("job %d was taken over by %s; dropping our results", job.id, row and row.claimed_by)
                 return
+            remade = 0
             for ds, relpath, kind in stored:
-                result = Result(
-                    job_id=job.id,
-                    kind=kind,
-                    sop_class_uid=str(ds.SOPClassUID),
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    series_instance_uid=str(ds.SeriesInstanceUID),
-                    path=relpath,
-                )
-                session.add(result)
-                session.flush()
+                result, deliveries = self._result_row(session, job.id, ds, relpath, kind)
+                remade += bool(deliveries)
                 for dest in destinations:
                     if kind in dest.outputs:
-                        session.add(
-                            Delivery(
-                                result_id=result.id,
-                                destination=dest.name,
-                                ae_title=dest.ae_title,
-                                host=dest.host,
-                                port=dest.port,
-                                next_attempt_at=now,
-                            )
-                        )
+                        delivery = self._due_delivery(session, result, deliveries, dest.name, now)
+                        delivery.ae_title, delivery.host, delivery.port = dest.ae_title, dest.host, dest.port
                 for name, why in unresolved:
-                    session.add(
-                        Delivery(
-                            result_id=result.id,
-                            destination=name,
-                            ae_title=(job.sender_ae or "")[:16],
-                            host=job.sender_host or "",
-                            port=0,
-                            state=DeliveryState.FAILED,
-                            last_error=why,
-                        )
-                    )
-            reason = "; ".join(f"destination {n}: {w}" for n, w in unresolved) or None
+                    # Which peer takes it is decided when the outbox tries (the configuration then).
+                    delivery = self._due_delivery(session, result, deliveries, name, now)
+                    delivery.ae_title, delivery.host = (job.sender_ae or "")[:16], job.sender_host or ""
+                    delivery.port = 0
+                    delivery.state = DeliveryState.WAITING
+                    delivery.last_error = f"waiting for a peer: {why}"
+            if remade:
+                log.info("job %d: %d result objects made again with the same UIDs; sending them again", job.id, remade)
+            reason = "; ".join(f"destination {n} waits for a peer: {w}" for n, w in unresolved) or None
             self._set_finished(session, row, JobState.DONE, reason, time.monotonic() - started, outcome.model_s)
         kinds = ",".join(sorted({k for _, _, k in stored}))
         log.info(
@@ -240,6 +257,44 @@ class Worker:
             kinds or "none",
             ",".join(d.name for d in destinations) or "no destination",
         )
+        for name, why in unresolved:
+            log.warning("job %d: results for destination %s wait for a peer: %s", job.id, name, why)
+
+    @staticmethod
+    def _result_row(
+        session: Session, job_id: int, ds: Dataset, relpath: str, kind: str
+    ) -> tuple[Result, dict[str, Delivery]]:
+        """The Result row of ``ds`` and its deliveries by destination.
+
+        The same model version on the same source instances makes the same UIDs (invariant 3):
+        a re-run (operator retry, reprocess) finds the row of the earlier run and takes it over,
+        so the object stays one row and one copy in the PACS. New UIDs get a new row.
+        """
+        uid = str(ds.SOPInstanceUID)
+        result = session.scalars(select(Result).where(Result.sop_instance_uid == uid)).first()
+        if result is None:
+            result = Result(sop_instance_uid=uid)
+            session.add(result)
+        result.job_id = job_id
+        result.kind = kind
+        result.sop_class_uid = str(ds.SOPClassUID)
+        result.series_instance_uid = str(ds.SeriesInstanceUID)
+        result.path = relpath
+        session.flush()
+        return result, {d.destination: d for d in result.deliveries}
+
+    @staticmethod
+    def _due_delivery(
+        session: Session, result: Result, deliveries: dict[str, Delivery], name: str, now: datetime
+    ) -> Delivery:
+        """The delivery of ``result`` to ``name``, due now: the earlier run's row reset, or a new row."""
+        delivery = deliveries.get(name)
+        if delivery is None:
+            delivery = Delivery(result_id=result.id, destination=name, attempts=0, created_at=now)
+            session.add(delivery)
+            deliveries[name] = delivery
+        make_delivery_due(delivery, now)
+        return delivery
 
     def _finish(self, job_id: int, state: JobState, reason: str | None, total_s: float, model_s: float | None) -> None:
         with self.sessions() as session, session.begin():
