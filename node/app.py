@@ -25,11 +25,11 @@ from db.models import Delivery, DeliveryState, Instance, Job, JobState, Series, 
 from db.queue import process_identity, reclaim_stale_jobs
 from node import __version__
 from node.assembler import StudyAssembler
-from node.config import Config
+from node.config import Config, delivery_warnings, display_database_url
 from node.ingest import InstanceIndex, reconcile_spool
 from node.outbox import Backoff, Outbox, OutboxThread
 from node.router import Router
-from node.scp import StorageSCP
+from node.scp import StorageSCP, listen
 from node.spool import Spool
 from node.worker import Destination, DestinationError, StudyRunner, Worker, WorkerPool
 
@@ -67,6 +67,15 @@ def make_resolver(config: Config) -> Callable[[str, str | None, str | None], Des
         return Destination(peer_name, peer.ae_title, peer.host, peer.port, frozenset(peer.outputs))
 
     return resolve
+
+
+def _model_label(runner: StudyRunner, name: str) -> str:
+    """``lung-seg 1.0 (CPUExecutionProvider)`` for a model the runner loaded; the bare name otherwise."""
+    registry = getattr(runner, "registry", None)
+    if registry is None:
+        return name
+    model = registry.get(name)  # loaded by preload: no second session
+    return f"{name} {model.manifest.version} ({', '.join(model.providers_in_use)})"
 
 
 @dataclass
@@ -169,18 +178,29 @@ class NodeApp:
         d = self.config.delivery
         return Backoff(d.initial_delay_s, d.factor, d.max_delay_s, d.give_up_after_s)
 
-    def make_outbox(self) -> Outbox:
+    def make_outbox(self, owner: str | None = None) -> Outbox:
+        # Each attempt resolves its destination from this (the process's) configuration.
         return Outbox(
             sessions=self.sessions,
             spool=self.spool,
             calling_ae=self.config.node.ae_title,
             backoff=self.backoff(),
-            owner=self.identity,
+            owner=owner or self.identity,
+            resolve=make_resolver(self.config),
         )
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, listener: socket.socket | None = None) -> None:
+        """Bind the DICOM port, check the spool, start workers, outbox and loops, then accept associations.
+
+        The port is bound first (or ``listener`` is used, bound by the caller before anything else):
+        a port in use raises :class:`ListenError` before the spool clean-up, which would delete files
+        another node on that port is writing. Associations are accepted only after the clean-up, so
+        that it never removes a file an accepted association is writing.
+        """
         node = self.config.node
+        if node.role in ("all", "receiver") and listener is None:
+            listener = listen(node.host, node.port)
         removed = self.spool.remove_temp_files()
         indexed = reconcile_spool(self.spool, self.index)
         if removed or indexed:
@@ -192,12 +212,15 @@ class NodeApp:
         router = Router(self.config.routes, own_device_uid=self.device_uid, own_manufacturer=MANUFACTURER)
         assembler = StudyAssembler(self.sessions, self.spool, router, self.config.routes)
 
+        models = f"none loaded (role {node.role})"
         if node.role in ("all", "worker"):
             runner = self._make_runner()
             preload = getattr(runner, "preload", None)
-            if preload is not None:
-                for name, problem in preload(r.pipeline for r in self.config.routes).items():
-                    log.error("model %s cannot be used; studies routed to it will fail: %s", name, problem)
+            routed = list(dict.fromkeys(r.pipeline for r in self.config.routes))
+            problems = preload(routed) if preload is not None else {}
+            for name, problem in problems.items():
+                log.error("model %s cannot be used; studies routed to it will fail: %s", name, problem)
+            models = ", ".join(_model_label(runner, name) for name in routed if name not in problems) or "none"
             workers = [
                 Worker(
                     sessions=self.sessions,
@@ -247,7 +270,12 @@ class NodeApp:
                 dimse_timeout_s=node.dimse_timeout_s,
                 network_timeout_s=node.network_timeout_s,
             )
-            self.scp.start(node.host, node.port)
+            self.scp.start(node.host, node.port, listener)
+        self._log_started(models)
+
+    def _log_started(self, models: str) -> None:
+        """A few lines that say what this node runs with: where its state is, who it talks to, what it runs."""
+        config, node = self.config, self.config.node
         log.info(
             "dicom-ai-node %s started: AE %s, role %s, %d workers, device UID %s",
             __version__,
@@ -256,6 +284,19 @@ class NodeApp:
             node.workers if self.pool else 0,
             self.device_uid,
         )
+        log.info(
+            "config %s; database %s; spool %s",
+            config.source,
+            display_database_url(node.database_url),
+            self.spool.root.absolute(),
+        )
+        peers = ", ".join(f"{k}={p.ae_title}@{p.host}:{p.port}" for k, p in config.peers.items()) or "none"
+        routes = "; ".join(f"{r.name} -> {r.pipeline} -> {','.join(r.destinations)}" for r in config.routes) or "none"
+        log.info("peers: %s", peers)
+        log.info("routes: %s", routes)
+        log.info("models: %s", models)
+        for warning in delivery_warnings(config):
+            log.warning("%s", warning)
 
     def stop(self) -> None:
         if self.scp is not None:

@@ -8,18 +8,42 @@ A bad config is one :class:`ConfigError` naming each bad key and what is wrong w
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 ENV_PREFIX = "AINODE_"
+#: Where a command looks when neither --config nor AINODE_CONFIG names a file, in this order.
+CONFIG_SEARCH_PATHS = (Path("ainode.yaml"), Path("/etc/ainode/ainode.yaml"))
+
+
+class ConfigSource(NamedTuple):
+    """Which file a config was read from, and why that one."""
+
+    path: Path
+    #: "--config", "AINODE_CONFIG", "default path" or "embedded defaults".
+    how: str
+
+    def __str__(self) -> str:
+        if self.how == "embedded defaults":
+            return "embedded defaults (no --config, AINODE_CONFIG, ./ainode.yaml or /etc/ainode/ainode.yaml)"
+        return f"{self.path} ({self.how})"
 
 
 class ConfigError(Exception):
@@ -216,6 +240,12 @@ class Config(_Strict):
     peers: dict[str, Peer] = {}
     routes: list[Route] = []
     delivery: RetryPolicy = RetryPolicy()
+    _source: ConfigSource = PrivateAttr(default=ConfigSource(DEFAULT_CONFIG, "embedded defaults"))
+
+    @property
+    def source(self) -> ConfigSource:
+        """The file this config was read from (set by :func:`load_config`)."""
+        return self._source
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -260,17 +290,50 @@ def _env_overrides(env: Mapping[str, str]) -> list[tuple[list[str], Any, str]]:
     return out
 
 
-def _apply(data: dict[str, Any], path: list[str], value: Any, var: str) -> None:
+def _apply(data: dict[str, Any], path: list[str], value: Any, var: str) -> tuple[str, ...]:
+    """Set ``path`` to ``value``; returns the part of the config the variable owns.
+
+    That is the first section the variable had to create (a peer defined only by variables), or
+    else the key it set: a validation error inside it is the variable's, not the file's.
+    """
     node: Any = data
+    owned: tuple[str, ...] | None = None
     for i, key in enumerate(path[:-1]):
         nxt = node.get(key) if isinstance(node, dict) else None
         if nxt is None:
             nxt = {}
             node[key] = nxt
+            owned = owned or tuple(path[: i + 1])
         if not isinstance(nxt, dict):
-            raise ConfigError(f"config error: {var}: {'.'.join(path[: i + 1])} is not a section")
+            raise ConfigError(
+                f"config error in environment variable {var}: {'.'.join(path[: i + 1])} is not a section"
+            )
         node = nxt
     node[path[-1]] = value
+    return owned or tuple(path)
+
+
+def _blame(loc: tuple[str, ...], owners: list[tuple[tuple[str, ...], str]], file_where: str) -> str:
+    """Who to name for an error at ``loc``: the variable owning that part of the config, else the file."""
+    found = [(len(owned), var) for owned, var in owners if loc[: len(owned)] == owned]
+    return f"config error in environment variable {max(found)[1]}" if found else file_where
+
+
+def find_config(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> ConfigSource:
+    """The config file a command reads: ``--config``, then AINODE_CONFIG, then the default paths.
+
+    The same rule for ``serve`` and for the commands that read what a running node wrote, so
+    that ``ainode status`` run beside the node reads the node's database.
+    """
+    env = os.environ if env is None else env
+    if path is not None:
+        return ConfigSource(Path(path).absolute(), "--config")
+    if env.get("AINODE_CONFIG"):
+        return ConfigSource(Path(env["AINODE_CONFIG"]).absolute(), "AINODE_CONFIG")
+    for candidate in CONFIG_SEARCH_PATHS:
+        if candidate.is_file():
+            return ConfigSource(candidate.absolute(), "default path")
+    return ConfigSource(DEFAULT_CONFIG, "embedded defaults")
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -283,10 +346,10 @@ def default_routes() -> list[dict[str, Any]]:
 
 
 def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment and validate the config that :func:`find_config` finds."""
     env = os.environ if env is None else env
-    if path is None and env.get("AINODE_CONFIG"):
-        path = env["AINODE_CONFIG"]
-    source = Path(path) if path is not None else DEFAULT_CONFIG
+    found = find_config(path, env)
+    source = Path(path) if path is not None else found.path
     where = f"config error in {source}"
     try:
         text = source.read_text()
@@ -303,10 +366,9 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
     if "routes" not in data:
         # A file without a routes section keeps the default routes; a routes list (even []) replaces them.
         data["routes"] = default_routes()
-    for key_path, value, var in _env_overrides(env):
-        _apply(data, key_path, value, var)
+    owners = [(_apply(data, key_path, value, var), var) for key_path, value, var in _env_overrides(env)]
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -316,8 +378,82 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
                 msg = "unknown key (check its spelling)"
             got = err.get("input")
             shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{where}: {loc + ': ' if loc else ''}{msg}{shown}")
+            blamed = _blame(tuple(loc.split(".")) if loc else (), owners, where)
+            lines.append(f"{blamed}: {loc + ': ' if loc else ''}{msg}{shown}")
         raise ConfigError("\n".join(lines)) from None
+    config._source = found
+    return config
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The absolute path of a SQLite database file (relative to the current folder), else None."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).absolute()
+
+
+def display_database_url(url: str) -> str:
+    """A database URL fit for a log or a terminal: password replaced by ``***``, SQLite path absolute."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url.split("@")[-1]
+    path = sqlite_path(url)
+    if path is not None:
+        parsed = parsed.set(database=str(path))
+    return parsed.render_as_string(hide_password=True)
+
+
+def model_names(config: Config) -> list[str]:
+    """Names of the models routes can use: the bundled ones and those in ``node.models_dirs``.
+
+    Reads manifests only; no model file is opened and no ONNX session is created.
+    """
+    from pipelines.runtime import ModelRegistry, bundled_models_dir
+
+    return [m.name for m in ModelRegistry([bundled_models_dir(), *map(Path, config.node.models_dirs)]).list()]
+
+
+def unknown_pipelines(config: Config, models: Collection[str]) -> list[str]:
+    """One line per route whose pipeline is none of ``models``, naming the route and the known models.
+
+    Kept apart from :class:`Config`'s own validation: which models exist is a fact of the disk,
+    not of the YAML, so ``config check`` and ``serve`` ask it after the file is valid.
+    """
+    known = ", ".join(sorted(models)) or "none"
+    lines = []
+    for i, route in enumerate(config.routes):
+        if route.pipeline in models:
+            continue
+        close = difflib.get_close_matches(route.pipeline, list(models), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        lines.append(
+            f"config error in {config.source.path}: routes.{i} ({route.name}): pipeline {route.pipeline!r} "
+            f"is not a model found (models: {known}){hint}"
+        )
+    return lines
+
+
+def delivery_warnings(config: Config) -> list[str]:
+    """One line per route whose results cannot reach anyone as configured (quick start: no peers)."""
+    if config.peers:
+        return []
+    return [
+        f"route {r.name} sends results to the sender, but no peers are configured: "
+        "results will wait until the sender is added under peers"
+        for r in config.routes
+        if "sender" in r.destinations
+    ]
 
 
 def check_config_command(path: Path | str) -> tuple[int, str]:
@@ -326,10 +462,15 @@ def check_config_command(path: Path | str) -> tuple[int, str]:
         cfg = load_config(path)
     except ConfigError as exc:
         return 2, str(exc)
+    problems = unknown_pipelines(cfg, model_names(cfg))
+    if problems:
+        return 2, "\n".join(problems)
     n = cfg.node
     peers = ", ".join(f"{k}={p.ae_title}@{p.host}:{p.port}" for k, p in cfg.peers.items()) or "none"
     routes = "; ".join(f"{r.name} -> {r.pipeline} -> {','.join(r.destinations)}" for r in cfg.routes) or "none"
+    warnings = "".join(f"\n  warning: {w}" for w in delivery_warnings(cfg))
     return 0, (
         f"config OK: {path}\n  AE title {n.ae_title}, listening on {n.host}:{n.port}, {n.workers} workers, "
-        f"role {n.role}\n  database {n.database_url.split('@')[-1]}\n  peers: {peers}\n  routes: {routes}"
+        f"role {n.role}\n  database {display_database_url(n.database_url)}\n  peers: {peers}\n"
+        f"  routes: {routes}{warnings}"
     )
