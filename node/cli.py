@@ -21,27 +21,75 @@ from node.logs import setup_logging
 log = logging.getLogger("ainode")
 
 
+class CommandFailed(Exception):
+    """The command cannot do what was asked; ``str()`` is the one line printed, exit code 1."""
+
+
 def _load(args: argparse.Namespace) -> Config:
+    """The config ``serve`` would read: --config, AINODE_CONFIG, ./ainode.yaml, /etc/ainode/ainode.yaml, defaults."""
     return load_config(args.config)
 
 
 def _sessions(config: Config):  # type: ignore[no-untyped-def]
-    from db.engine import make_engine, make_session_factory
-    from db.migrate import upgrade
+    """Sessions on the database of the node that ``config`` describes; never created or migrated here.
 
-    engine = make_engine(config.node.database_url)
-    upgrade(engine)
+    The node creates and migrates its database when it starts (and ``ainode db upgrade`` does):
+    a command run in another folder, or with another config, says so instead of quietly making
+    an empty database there and reporting that nothing happened.
+    """
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db.engine import make_engine, make_session_factory
+    from db.migrate import alembic_config, current_revision
+    from node.config import display_database_url, sqlite_path
+
+    url = config.node.database_url
+    shown = display_database_url(url)
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise CommandFailed(
+            f"no database at {path} (database_url from {config.source}); run it where the node runs or pass --config"
+        )
+    engine = make_engine(url)
+    try:
+        revision = current_revision(engine)
+    except SQLAlchemyError as exc:
+        why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise CommandFailed(f"cannot open database {shown} (database_url from {config.source}): {why}") from None
+    head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    if revision != head:
+        raise CommandFailed(
+            f"database {shown} is at schema revision {revision or 'none'}, this ainode reads {head}: "
+            "start the node or run 'ainode db upgrade' with the same config"
+        )
+    print(f"config {config.source}; database {shown}", file=sys.stderr)
     return make_session_factory(engine)
 
 
 # -- commands --------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.app import NodeApp
+    from node.config import model_names, unknown_pipelines
+    from node.scp import ListenError, listen
 
     config = _load(args)
     if args.role:
         config.node.role = args.role
-    setup_logging(config.node.log_level)
+    node = config.node
+    setup_logging(node.log_level)
+    if node.role in ("all", "worker"):  # a receiver only routes: the models are the workers' business
+        problems = unknown_pipelines(config, model_names(config))
+        if problems:
+            raise ConfigError("\n".join(problems))
+    listener = None
+    if node.role in ("all", "receiver"):
+        # Bound before the database, the spool or a worker is touched: a second node on this port stops here.
+        try:
+            listener = listen(node.host, node.port)
+        except ListenError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     app = NodeApp(config)
     stop = threading.Event()
 
@@ -51,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    app.start()
+    app.start(listener)
     stop.wait()
     app.stop()
     log.info("stopped")
@@ -67,7 +115,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_route_test(args: argparse.Namespace) -> int:
     from node.router import route_test_command
 
-    code, text = route_test_command(_load(args), [Path(f) for f in args.files])
+    code, text = route_test_command(_load(args), _expand(args.files))
     print(text)
     return code
 
@@ -80,8 +128,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(command: str) -> str:
+    """Who ran an operator action, for the audit trail: the command and the OS user."""
+    import getpass
+    import os
+
+    try:
+        user = os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (containers)
+        user = f"uid {os.getuid()}"
+    return f"{command} ({user})"[:128]
+
+
 def cmd_jobs_retry(args: argparse.Namespace) -> int:
-    from db.models import AuditEvent, Job, JobState, Study, StudyState
+    from db.models import AuditEvent, Job
+    from db.queue import OPEN_JOB_STATES, requeue_job
 
     sessions = _sessions(_load(args))
     with sessions() as session, session.begin():
@@ -89,26 +150,117 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
         if job is None:
             print(f"no job {args.id}", file=sys.stderr)
             return 1
-        if job.state in (JobState.QUEUED, JobState.RUNNING):
+        if job.state in OPEN_JOB_STATES:
             print(f"job {args.id} is {job.state.value}; nothing to retry", file=sys.stderr)
             return 1
-        previous = job.state.value
-        job.state, job.reason, job.claimed_by = JobState.QUEUED, f"retried by operator (was {previous})", None
-        study = session.get(Study, job.study_id)
-        if study is not None and study.state == StudyState.PROCESSED:
-            study.state = StudyState.QUEUED
-        session.add(AuditEvent(kind="operator", actor="ainode jobs retry", subject=str(job.id), detail=previous))
+        previous = requeue_job(session, job, f"retried by operator (was {job.state.value})").value
+        session.add(
+            AuditEvent(kind="operator", actor=_operator("ainode jobs retry"), subject=str(job.id), detail=previous)
+        )
     print(f"job {args.id} queued again (was {previous})")
     return 0
 
 
+def cmd_studies_reprocess(args: argparse.Namespace) -> int:
+    """Run a study again: its jobs of the current version, or one pipeline (results to the sender)."""
+    from sqlalchemy import func, select
+
+    from db.models import AuditEvent, Instance, Job, JobState, Series, Study, StudyState
+    from db.queue import OPEN_JOB_STATES, requeue_job
+    from pipelines.runtime import ModelRegistry, bundled_models_dir
+
+    config = _load(args)
+    route = None
+    if args.pipeline is not None:
+        registry = ModelRegistry([bundled_models_dir(), *map(Path, config.node.models_dirs)])
+        found = sorted(m.name for m in registry.list())
+        if args.pipeline not in found:
+            print(f"no pipeline named {args.pipeline!r} (models found: {', '.join(found) or 'none'})", file=sys.stderr)
+            return 2
+        route = f"reprocess:{args.pipeline}"[:64]
+    actor = _operator("ainode studies reprocess")
+    uid = args.study_uid
+    sessions = _sessions(config)
+    with sessions() as session, session.begin():
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).first()
+        if study is None:
+            print(f"no study {uid}", file=sys.stderr)
+            return 1
+        if study.state == StudyState.RECEIVING:
+            print(f"study {uid} is still receiving; it is processed once complete", file=sys.stderr)
+            return 1
+        images = session.scalar(select(func.count(Instance.id)).join(Series).where(Series.study_id == study.id))
+        if not images:
+            print(f"study {uid} has no received images left ({study.note or 'none indexed'})", file=sys.stderr)
+            return 1
+        jobs = session.scalars(
+            select(Job)
+            .where(Job.study_id == study.id, Job.study_version == study.version)
+            .where(Job.route == route if route is not None else True)
+            .order_by(Job.id)
+        ).all()
+        lines = []
+        if route is not None and not jobs:
+            job = Job(study_id=study.id, study_version=study.version, route=route, pipeline=args.pipeline,
+                      destinations=["sender"], sender_ae=study.sender_ae, sender_host=study.sender_host,
+                      state=JobState.QUEUED, reason="reprocess requested by operator")  # fmt: skip
+            session.add(job)
+            session.flush()
+            if study.state in (StudyState.PROCESSED, StudyState.UNROUTED):
+                study.state = StudyState.QUEUED
+            detail = f"study {uid}: new {route}"
+            session.add(AuditEvent(kind="operator", actor=actor, subject=str(job.id), detail=detail))
+            lines.append(f"job {job.id} ({route}, results to the sender) queued")
+        elif not jobs:
+            print(f"study {uid} has no jobs of version {study.version}; use --pipeline NAME", file=sys.stderr)
+            return 1
+        for job in jobs:
+            if job.state in OPEN_JOB_STATES:
+                lines.append(f"job {job.id} ({job.route}) is {job.state.value} already")
+                continue
+            previous = requeue_job(session, job, f"reprocessed by operator (was {job.state.value})").value
+            detail = f"study {uid}: was {previous}"
+            session.add(AuditEvent(kind="operator", actor=actor, subject=str(job.id), detail=detail))
+            lines.append(f"job {job.id} ({job.route}) queued again (was {previous})")
+    print(f"study {uid}: " + "; ".join(lines))
+    return 0
+
+
 def cmd_outbox_retry(args: argparse.Namespace) -> int:
+    """Make deliveries due, then try them once now with this configuration (peers as fixed by the operator)."""
+    from sqlalchemy import select
+
+    from db.models import Delivery, DeliveryState
+    from db.queue import process_identity
     from node.app import NodeApp
 
     app = NodeApp(_load(args))
-    n = app.make_outbox().retry_now(args.ids or None)
-    print(f"{n} deliveries due now")
-    return 0
+    try:
+        outbox = app.make_outbox(owner=process_identity("outbox-retry"))
+        ids = outbox.retry_now(args.ids or None, actor=_operator("ainode outbox retry"))
+        if not ids:
+            print("no delivery to retry")
+            return 0
+        # The lease keeps a running node's outbox and this pass from sending the same row twice.
+        done = outbox.run_pass(only=ids)
+        with app.sessions() as session:
+            rows = session.execute(
+                select(Delivery.id, Delivery.state, Delivery.last_error)
+                .where(Delivery.id.in_(ids))
+                .order_by(Delivery.id)
+            ).all()
+    finally:
+        app.engine.dispose()
+    for delivery_id, state, error in rows:
+        if state != DeliveryState.DELIVERED and error:
+            print(f"delivery {delivery_id} {state.value}: {error}")
+    elsewhere = len(ids) - (done.delivered + done.retrying + done.failed + done.waiting)
+    print(
+        f"{len(ids)} deliveries due now: {done.delivered} delivered, {done.retrying} not accepted (retry scheduled), "
+        f"{done.waiting} waiting for a peer, {done.failed} failed"
+        + (f", {elsewhere} being sent by another process" if elsewhere else "")
+    )
+    return 0 if done.delivered + elsewhere == len(ids) else 1
 
 
 def _peer(config: Config, name: str):  # type: ignore[no-untyped-def]
@@ -122,16 +274,18 @@ def _peer(config: Config, name: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from node.scu import AssociationFailed, echo
+    from node.scu import AssociationFailed, echo, status_text
 
     config = _load(args)
     peer = _peer(config, args.peer)
+    if config.node.log_level != "DEBUG":  # the one line below says why; pynetdicom's log lines repeat it
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     try:
         status = echo(config.node.ae_title, peer)
     except AssociationFailed as exc:
-        print(f"C-ECHO {args.peer} ({peer}): {exc}", file=sys.stderr)
+        print(f"C-ECHO {args.peer}: {exc}", file=sys.stderr)
         return 1
-    print(f"C-ECHO {args.peer} ({peer}): status 0x{status:04X} {'success' if status == 0 else 'failure'}")
+    print(f"C-ECHO {args.peer} ({peer}): status 0x{status:04X} {status_text(status)}")
     return 0 if status == 0 else 1
 
 
@@ -143,19 +297,22 @@ def _expand(paths: Sequence[str]) -> list[Path]:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from node.scu import AssociationFailed, store
+    from node.scu import AssociationFailed, TooManySopClasses, store
 
     config = _load(args)
     peer = _peer(config, args.to)
     files = _expand(args.files)
+    if config.node.log_level != "DEBUG":  # each file's line says why; pynetdicom's and codecs' log lines repeat it
+        for library in ("pynetdicom", "pydicom"):
+            logging.getLogger(library).setLevel(logging.CRITICAL)
     try:
         outcomes = store(config.node.ae_title, peer, files)
-    except AssociationFailed as exc:
-        print(f"send to {args.to} ({peer}): {exc}", file=sys.stderr)
+    except (AssociationFailed, TooManySopClasses) as exc:
+        print(f"send to {args.to}: {exc}", file=sys.stderr)
         return 1
     failed = 0
     for f, o in zip(files, outcomes, strict=True):
-        print(f"{f}: {'accepted' if o.accepted else 'FAILED'} {o.error or ''}".rstrip())
+        print(f"{f}: {'accepted' if o.accepted else 'FAILED'} {o.describe()}")
         failed += not o.accepted
     print(f"{len(files) - failed} sent, {failed} failed")
     return 1 if failed else 0
@@ -206,48 +363,81 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # -- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from node import __version__
+
     parser = argparse.ArgumentParser(prog="ainode", description="DICOM AI node")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", "-c", help="YAML config file (default: embedded defaults; env AINODE_CONFIG)")
+        p.add_argument(
+            "--config",
+            "-c",
+            help="YAML config file (default: $AINODE_CONFIG, else ./ainode.yaml, else /etc/ainode/ainode.yaml, "
+            "else the embedded defaults)",
+        )
         return p
 
     p = with_config(sub.add_parser("serve", help="run the node"))
-    p.add_argument("--role", choices=["all", "receiver", "worker"], help="override node.role")
+    p.add_argument(
+        "--role",
+        choices=["all", "receiver", "worker"],
+        help="override node.role: all (receive, run, deliver), receiver (DICOM only) or worker (jobs only)",
+    )
     p.set_defaults(func=cmd_serve)
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
     p = cfg.add_parser("check", help="validate a config file without starting")
-    p.add_argument("file")
+    p.add_argument("file", help="the YAML config file to check (AINODE_... environment overrides apply)")
     p.set_defaults(func=cmd_config_check)
 
     p = with_config(sub.add_parser("route-test", help="which route and pipeline each file would take, and why"))
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="DICOM files or folders (read recursively); only headers are read")
     p.set_defaults(func=cmd_route_test)
 
     p = with_config(sub.add_parser("status", help="studies, jobs and outbox"))
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="print the status as JSON, for scripts and monitoring")
+    p.add_argument("--limit", type=int, default=50, help="show at most this many of each (default: 50)")
     p.set_defaults(func=cmd_status)
 
     jobs = sub.add_parser("jobs", help="jobs").add_subparsers(dest="jobs_command", required=True)
     p = with_config(jobs.add_parser("retry", help="queue a failed / not-applicable / done job again"))
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=int, help="the job's number, as 'ainode status' shows it")
     p.set_defaults(func=cmd_jobs_retry)
 
+    studies = sub.add_parser("studies", help="studies").add_subparsers(dest="studies_command", required=True)
+    p = with_config(
+        studies.add_parser(
+            "reprocess",
+            help="run a study again (e.g. after a model upgrade)",
+            epilog="exit codes: 0 queued; 1 no such study, or nothing to run; 2 unknown pipeline",
+        )
+    )
+    p.add_argument("study_uid", metavar="STUDY_UID", help="the Study Instance UID, as 'ainode status' shows it")
+    p.add_argument(
+        "--pipeline",
+        help="run this pipeline on the study, results to its sender (default: again every job of its current version)",
+    )
+    p.set_defaults(func=cmd_studies_reprocess)
+
     outbox = sub.add_parser("outbox", help="deliveries").add_subparsers(dest="outbox_command", required=True)
-    p = with_config(outbox.add_parser("retry", help="make pending or given-up deliveries due now"))
-    p.add_argument("ids", nargs="*", type=int)
+    p = with_config(
+        outbox.add_parser(
+            "retry",
+            help="make deliveries not yet delivered due now and try them once with this configuration",
+            epilog="exit codes: 0 every delivery delivered (or being sent by a running node); 1 some wait or failed",
+        )
+    )
+    p.add_argument("ids", nargs="*", type=int, help="delivery numbers as 'ainode status' shows them (default: all)")
     p.set_defaults(func=cmd_outbox_retry)
 
     p = with_config(sub.add_parser("echo", help="C-ECHO a configured peer"))
-    p.add_argument("peer")
+    p.add_argument("peer", help="a peer's name under 'peers:' in the config")
     p.set_defaults(func=cmd_echo)
 
     p = with_config(sub.add_parser("send", help="C-STORE files to a configured peer"))
-    p.add_argument("files", nargs="+")
-    p.add_argument("--to", required=True, help="peer name")
+    p.add_argument("files", nargs="+", help="DICOM files or folders (sent recursively)")
+    p.add_argument("--to", required=True, help="the peer's name under 'peers:' in the config")
     p.set_defaults(func=cmd_send)
 
     db = sub.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
@@ -258,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(models.add_parser("list", help="models available to routes"))
     p.set_defaults(func=cmd_models_list)
     p = models.add_parser("check", help="validate a model folder (manifest, checksum, dummy run)")
-    p.add_argument("dir")
+    p.add_argument("dir", help="a model folder: model.onnx, model.yaml (manifest) and MODEL_CARD.md")
     p.set_defaults(func=cmd_models_check)
 
     p = with_config(
@@ -274,7 +464,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", help="skip routing and run this pipeline")
     p.add_argument("--outputs", help="comma-separated result kinds to write (default: seg,sr,sc)")
     p.set_defaults(func=cmd_run)
+    _describe_commands(parser)
     return parser
+
+
+def _describe_commands(parser: argparse.ArgumentParser) -> None:
+    """Give each subcommand's own ``--help`` the one-line help its parent lists it with."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                if sub.description is None:
+                    sub.description = helps.get(name)
+                _describe_commands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -286,6 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except CommandFailed as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

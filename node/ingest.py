@@ -67,6 +67,14 @@ _BUMP_STUDY = text(
 ).bindparams(bindparam("now", type_=UtcDateTime()))
 
 
+#: How the duplicate line names a study's state (StudyState values other than "receiving").
+_ALREADY = {
+    StudyState.PROCESSED.value: "was already processed",
+    StudyState.QUEUED.value: "is already queued for processing",
+    StudyState.UNROUTED.value: "was already complete (not routed)",
+}
+
+
 def _dialect_insert(session: Session):  # type: ignore[no-untyped-def]
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
@@ -83,6 +91,9 @@ class InstanceIndex:
         self.sessions = sessions
         self.late_instances = late_instances
         self._series_ids: dict[str, int] = {}
+        #: Re-sent instances of studies no longer receiving: association id -> study UID -> (state, count).
+        #: Counted on the hot path (a dict update), told once per study when the association ends.
+        self._duplicates: dict[int | None, dict[str, tuple[str, int]]] = {}
         self._lock = threading.Lock()
 
     def _study_row(
@@ -133,6 +144,24 @@ class InstanceIndex:
             self._series_ids[inst.series_instance_uid] = series_id
         return series_id
 
+    def _count_duplicate(self, association_id: int | None, study_uid: str, state: str) -> None:
+        with self._lock:
+            studies = self._duplicates.setdefault(association_id, {})
+            studies[study_uid] = (state, studies.get(study_uid, (state, 0))[1] + 1)
+
+    def end_association(self, association_id: int | None) -> None:
+        """Tell, once per study, that an association re-sent instances of a study already complete.
+
+        A PACS that re-sends a whole study sends hundreds of duplicates; one line per study says
+        why nothing happens, where one line per instance would drown the log.
+        """
+        with self._lock:
+            studies = self._duplicates.pop(association_id, {})
+        for study_uid, (state, count) in studies.items():
+            was = _ALREADY.get(state, f"was already {state}")
+            plural = "s" if count != 1 else ""
+            log.info("study %s %s; %d duplicate instance%s ignored", study_uid, was, count, plural)
+
     def forget_series(self) -> None:
         with self._lock:
             self._series_ids.clear()
@@ -177,6 +206,8 @@ class InstanceIndex:
                     .where(Instance.sop_instance_uid == inst.sop_instance_uid)
                     .values(size_bytes=inst.size_bytes, received_at=now, association_id=association_id)
                 )
+                if not receiving:
+                    self._count_duplicate(association_id, inst.study_instance_uid, str(study.state))
                 return IndexOutcome(study.id, study.version, True, False, False)
             if receiving:
                 session.execute(_BUMP_STUDY, {"now": now, "id": study.id})

@@ -133,7 +133,7 @@ class Router:
 
 
 def route_test_command(config: Config, files: Sequence[Path]) -> tuple[int, str]:
-    """``ainode route-test FILE...``: per file, the route, pipeline and destinations, and why."""
+    """``ainode route-test FILE...`` (folders expanded by the CLI): per file, route, pipeline, destinations, why."""
     from node.app import MANUFACTURER, device_uid
 
     router = Router(config.routes, own_device_uid=device_uid(config), own_manufacturer=MANUFACTURER)

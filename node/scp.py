@@ -8,6 +8,7 @@ pixel decoding, no routing, no model on this path.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -69,6 +71,45 @@ class CallerPolicy:
 
     def allows(self, ae_title: str, host: str | None) -> bool:
         return not self.entries or ae_title.strip() in self.allowed_titles(host)
+
+
+class ListenError(Exception):
+    """The DICOM port cannot be listened on; ``str()`` is the one line shown to the administrator."""
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind and listen on ``host:port``; connections wait in the backlog until :meth:`StorageSCP.start`.
+
+    The node binds before anything else starts, so that a second node on a port in use stops
+    before it touches the spool (whose clean-up would delete files the first node is still
+    writing), the database or the job queue.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        # create_server appends "(while attempting to bind on address ...)"; the line below names it once.
+        why = (exc.strerror or str(exc)).split(" (while attempting")[0]
+        raise ListenError(f"cannot listen on {host}:{port}: {why[:1].lower()}{why[1:]}") from None
+
+
+class _ListeningServer(ThreadedAssociationServer):
+    """pynetdicom's server on a socket :func:`listen` already bound, through socketserver's bind hooks."""
+
+    def __init__(self, *args: Any, listener: socket.socket, **kwargs: Any) -> None:
+        self._listener = listener
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.socket is not None:
+            self.socket.close()  # the unbound socket socketserver made: ours is bound already
+        self.socket = self._listener
+        if self.ae.network_timeout is not None:  # as pynetdicom's own server_bind
+            self.socket.settimeout(self.ae.network_timeout)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Already listening (see :func:`listen`)."""
 
 
 class _NodeAE(AE):
@@ -142,7 +183,15 @@ class StorageSCP:
         self._server: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self, host: str, port: int) -> None:
+    def start(self, host: str, port: int, listener: socket.socket | None = None) -> None:
+        """Accept associations on ``listener`` (made by :func:`listen`), or on ``host:port`` bound now.
+
+        Raises
+        ------
+        ListenError
+            ``host:port`` cannot be bound (only when no ``listener`` is given).
+        """
+        listener = listener if listener is not None else listen(host, port)
         handlers = [
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -151,8 +200,14 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
-        self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
-        log.info("listening as %s on %s:%d", self.ae.ae_title, host, port)
+        server = self.ae.make_server(
+            (host, port), evt_handlers=handlers, server_class=_ListeningServer, listener=listener
+        )
+        # As AE.start_server(block=False) does: the AE knows its servers, and server.shutdown() expects that.
+        self.ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name=f"dicom-acceptor:{port}", daemon=True).start()
+        self._server = server
+        log.info("listening as %s on %s:%d", self.ae.ae_title, host, self.port)
 
     def stop(self) -> None:
         if self._server is not None:
@@ -164,11 +219,13 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     # -- association bookkeeping -----------------------------------------------------------
-    def _audit_start(self, assoc: Association, outcome: str, reason: str | None = None) -> int | None:
+    def _audit_start(
+        self, assoc: Association, outcome: str, reason: str | None = None, called_ae: str | None = None
+    ) -> int | None:
         row = AssociationRow(
             direction="in",
             calling_ae=(assoc.requestor.ae_title or "").strip(),
-            called_ae=(assoc.acceptor.ae_title or "").strip(),
+            called_ae=called_ae if called_ae is not None else (assoc.acceptor.ae_title or "").strip(),
             peer_host=assoc.requestor.address,
             peer_port=assoc.requestor.port,
             outcome=outcome,
@@ -191,10 +248,30 @@ class StorageSCP:
             )
 
     def _on_rejected(self, event: evt.Event) -> None:
+        # pynetdicom sends one diagnostic, and its called-AE check overwrites its calling-AE one: the
+        # reasons are worked out again from the request, so that the operator reads every one that holds.
         assoc = event.assoc
         calling = (assoc.requestor.ae_title or "").strip()
-        reason = f"calling AE title {calling!r} from {assoc.requestor.address} not allowed"
-        self._audit_start(assoc, "rejected", reason)
+        called = str(getattr(assoc.requestor.primitive, "called_ae_title", None) or "").strip()
+        ours = str(self.ae.ae_title).strip()
+        host = assoc.requestor.address
+        caller = f"caller {calling!r} from {host}"
+        reasons = []
+        reply = assoc.acceptor.primitive
+        source, diagnostic = (reply.result_source, reply.diagnostic) if reply is not None else (None, None)
+        if (source, diagnostic) == (0x03, 0x02):
+            limit = self.ae.maximum_associations
+            reasons.append(f"local limit exceeded: maximum_associations {limit} in use, {caller}")
+        if called != ours:
+            reasons.append(f"called AE title {called!r} not recognised (this node is {ours!r}), {caller}")
+        policy = self.ae.caller_policy
+        if policy is not None and not policy.allows(calling, host):
+            reasons.append(f"calling AE title {calling!r} from {host} not in allowed_callers")
+        if not reasons:
+            why = reply.reason_str if reply is not None else "No reason given"
+            reasons.append(f"{why[:1].lower()}{why[1:]}, {caller}")
+        reason = "; ".join(reasons)
+        self._audit_start(assoc, "rejected", reason, called_ae=called[:16])
         log.warning("association rejected: %s", reason)
 
     def _finish(self, event: evt.Event, outcome: str) -> None:
@@ -226,6 +303,7 @@ class StorageSCP:
             state.failed,
             studies,
         )
+        self.index.end_association(state.row_id)
         if self.on_release is not None:
             self.on_release(state.calling_ae, state.host, state.study_ids, outcome == "released")
 

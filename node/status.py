@@ -1,14 +1,16 @@
-"""What ``ainode status`` shows: studies, jobs and the outbox with their states."""
+"""What ``ainode status`` shows: studies, jobs (with the series each pipeline chose), the outbox
+with their states, and the associations the node rejected, with why."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Delivery, Job, Result, Study
+from db.models import Association, AuditEvent, Delivery, Job, Result, Study
 
 
 def _iso(value: Any) -> str | None:
@@ -27,6 +29,24 @@ def collect_status(sessions: sessionmaker[Session], limit: int = 50) -> dict[str
         ).all()
         study_states = Counter(s for (s,) in session.execute(select(Study.state)).all())
         job_states = Counter(s for (s,) in session.execute(select(Job.state)).all())
+        # The worker records which series each job's pipeline took (audit kind "selection", subject the job id).
+        selection = dict(
+            session.execute(
+                select(AuditEvent.subject, AuditEvent.detail)
+                .where(AuditEvent.kind == "selection", AuditEvent.subject.in_([str(j.id) for j in jobs]))
+                .order_by(AuditEvent.id)
+            ).all()
+        )
+        rejected = (
+            session.execute(
+                select(Association)
+                .where(Association.direction == "in", Association.outcome == "rejected")
+                .order_by(Association.id.desc())
+                .limit(limit)
+            )
+            .scalars()
+            .all()
+        )
     outbox_states = Counter(d.state for d, *_ in deliveries)
     return {
         "counts": {
@@ -60,6 +80,7 @@ def collect_status(sessions: sessionmaker[Session], limit: int = 50) -> dict[str
                 "finished_at": _iso(j.finished_at),
                 "model_s": j.model_s,
                 "total_s": j.total_s,
+                "selection": selection.get(str(j.id)),
             }
             for j in jobs
         ],
@@ -79,6 +100,16 @@ def collect_status(sessions: sessionmaker[Session], limit: int = 50) -> dict[str
             }
             for d, sop_uid, kind, job_id in deliveries[:limit]
         ],
+        "rejected_associations": [
+            {
+                "at": _iso(a.started_at),
+                "calling_ae": a.calling_ae,
+                "called_ae": a.called_ae,
+                "host": a.peer_host,
+                "reason": a.reason,
+            }
+            for a in rejected
+        ],
     }
 
 
@@ -89,25 +120,52 @@ def format_status(status: dict[str, Any]) -> str:
         parts = ", ".join(f"{k} {v}" for k, v in sorted(c[title].items())) or "none"
         lines.append(f"{title}: {parts}")
     lines.append("")
-    lines.append("STUDY INSTANCE UID                                               STATE       V  INST  SENDER")
-    for s in status["studies"]:
-        lines.append(
-            f"{s['study_instance_uid']:<64} {s['state']:<11} {s['version']:>1} {s['instances']:>5}  "
-            f"{s['sender'] or '-'}" + (f"  ({s['note']})" if s["note"] else "")
-        )
+    lines += _table(
+        ("STUDY INSTANCE UID", "STATE", "V", "INST", "SENDER", "NOTE"),
+        [
+            (s["study_instance_uid"], s["state"], s["version"], s["instances"], s["sender"], s["note"])
+            for s in status["studies"]
+        ],
+    )
     lines.append("")
-    lines.append("JOB  STATE           ROUTE/PIPELINE                 TRIES  REASON")
-    for j in status["jobs"]:
-        rp = f"{j['route']}/{j['pipeline']}"
-        lines.append(f"{j['id']:<4} {j['state']:<15} {rp:<30} {j['attempts']:>5}  {j['reason'] or ''}")
+    lines += _table(
+        ("JOB", "STATE", "ROUTE/PIPELINE", "TRIES", "REASON"),
+        [(j["id"], j["state"], f"{j['route']}/{j['pipeline']}", j["attempts"], j["reason"]) for j in status["jobs"]],
+    )
+    chosen = [j for j in status["jobs"] if j.get("selection")]
+    if chosen:
+        lines.append("")
+        lines.append("SERIES SELECTION")
+        for j in chosen:
+            lines.append(f"job {j['id']} study {j['study_instance_uid']}: {j['selection']}")
     lines.append("")
-    lines.append("DELIVERY  STATE      KIND  DESTINATION            TRIES  NEXT / ERROR")
+    rows = []
     for d in status["deliveries"]:
         extra = d["next_attempt_at"] or d["delivered_at"] or ""
         if d["last_error"]:
             extra = f"{extra} {d['last_error']}".strip()
-        lines.append(
-            f"{d['id']:<9} {d['state']:<10} {d['kind']:<5} {d['destination'] + ' ' + d['peer']:<22} "
-            f"{d['attempts']:>5}  {extra}"
+        rows.append((d["id"], d["state"], d["kind"], f"{d['destination']} {d['peer']}", d["attempts"], extra))
+    lines += _table(("DELIVERY", "STATE", "KIND", "DESTINATION", "TRIES", "NEXT / ERROR"), rows)
+    rejected = status.get("rejected_associations") or []
+    if rejected:
+        lines.append("")
+        lines += _table(
+            ("REJECTED ASSOCIATION", "CALLING AE", "HOST", "REASON"),
+            [(a["at"], a["calling_ae"], a["host"], a["reason"]) for a in rejected],
         )
     return "\n".join(lines)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """Header and rows, each column as wide as its widest cell (two spaces between); the last runs free.
+
+    Widths come from the data, so a long route, pipeline or destination shifts its column rather than
+    the cells after it. An empty cell shows as "-" so that every column starts where its header does.
+    """
+    cells = [[str(v) if v not in (None, "") else "-" for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join([*(v.ljust(w) for v, w in zip(values[:-1], widths, strict=False)), values[-1]]).rstrip()
+
+    return [line(headers), *(line(r) for r in cells)]

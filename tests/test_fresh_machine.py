@@ -113,7 +113,9 @@ def test_readme_test_command_leaves_the_hosts_own_orthanc_and_postgresql_running
 
 def test_the_suite_never_stops_or_kills_services_by_name():
     """Stopping by name (service/systemctl stop, start-stop-daemon, pkill, killall) hits the host's own."""
-    by_name = re.compile(r"\b(service|systemctl)\b.*\b(stop|restart|reload)\b|start-stop-daemon|\bp" + r"kill\b|kill" + r"all\b")
+    by_name = re.compile(
+        r"\b(service|systemctl)\b.*\b(stop|restart|reload)\b|start-stop-daemon|\bp" + r"kill\b|kill" + r"all\b"
+    )
     offenders = []
     for path in [REPO / ".ci" / "run", *(REPO / "tests").rglob("*.sh"), *(REPO / "tests").rglob("*.py")]:
         if path.name == Path(__file__).name:
