@@ -16,7 +16,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     SQLite gets WAL journaling (readers never block the receiver's writes), a busy timeout
     (several threads of one node write), foreign keys on, and ``synchronous=NORMAL``: in WAL
     mode a committed transaction survives a killed process; the spool, fsynced before every
-    C-STORE success, is re-indexed at start for the power-loss case (see node.spool.reconcile).
+    C-STORE success, is re-indexed at start for the power-loss case (see node.receive.spool.reconcile).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":

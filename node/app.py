@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from pydicom.uid import generate_uid
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,50 +23,18 @@ from db.migrate import upgrade
 from db.models import Delivery, DeliveryState, Instance, Job, JobState, Series, Study, StudyState, utcnow
 from db.queue import process_identity, reclaim_stale_jobs
 from node import __version__
-from node.assembler import StudyAssembler
+from node.assemble.assembler import StudyAssembler
+from node.assemble.router import Router
 from node.config import Config, delivery_warnings, display_database_url
-from node.ingest import InstanceIndex, reconcile_spool
-from node.outbox import Backoff, Outbox, OutboxThread
-from node.router import Router
-from node.scp import StorageSCP, listen
-from node.spool import Spool
-from node.worker import Destination, DestinationError, StudyRunner, Worker, WorkerPool
+from node.deliver.outbox import Backoff, Outbox, OutboxThread
+from node.identity import MANUFACTURER, device_uid
+from node.receive.ingest import InstanceIndex, reconcile_spool
+from node.receive.scp import StorageSCP, listen
+from node.receive.spool import Spool
+from node.work.destinations import make_resolver
+from node.work.worker import StudyRunner, Worker, WorkerPool
 
 log = logging.getLogger("ainode")
-
-MANUFACTURER = "dicom-ai-node"
-
-
-def device_uid(config: Config) -> str:
-    """The node's Device UID: configured, or derived from its AE title and host name.
-
-    Derived deterministically so that it survives restarts (loop prevention and AIR's
-    Contributing Equipment rely on it) without a state file.
-    """
-    if config.node.device_uid:
-        return config.node.device_uid
-    return generate_uid(entropy_srcs=["dicom-ai-node device", config.node.ae_title, socket.gethostname()])
-
-
-def make_resolver(config: Config) -> Callable[[str, str | None, str | None], Destination]:
-    def resolve(name: str, sender_ae: str | None, sender_host: str | None) -> Destination:
-        if name == "sender":
-            found = config.peer_for_caller(sender_ae or "", sender_host) if sender_ae else None
-            if found is None:
-                raise DestinationError(
-                    f"the sender {sender_ae or '?'}@{sender_host or '?'} has no entry under peers "
-                    "(add its AE title, host and port to send results back)"
-                )
-            peer_name, peer = found
-        else:
-            peer = config.peers.get(name)
-            if peer is None:
-                raise DestinationError(f"no peer named {name!r}")
-            peer_name = name
-        return Destination(peer_name, peer.ae_title, peer.host, peer.port, frozenset(peer.outputs))
-
-    return resolve
-
 
 def _model_label(runner: StudyRunner, name: str) -> str:
     """``lung-seg 1.0 (CPUExecutionProvider)`` for a model the runner loaded; the bare name otherwise."""
@@ -148,7 +115,7 @@ class NodeApp:
 
     @staticmethod
     def make_runner_for(config: Config) -> StudyRunner:
-        from node.runner import OnnxStudyRunner
+        from node.work.runner import OnnxStudyRunner
         from pipelines.dicom import Equipment
         from pipelines.runtime import ModelRegistry, bundled_models_dir
 

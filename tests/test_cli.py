@@ -21,7 +21,7 @@ def ainode(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     import os
 
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args],
+        [sys.executable, "-m", "node.operate.cli", *args],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -28,7 +28,7 @@ def run_cli(
     """``ainode ARGS`` in ``cwd``, without any AINODE_* variable of the calling shell."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("AINODE_")}
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args],
+        [sys.executable, "-m", "node.operate.cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

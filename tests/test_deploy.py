@@ -68,7 +68,7 @@ def test_compose_node_configuration_is_valid_and_sends_results_to_orthanc():
     services = _resolved_compose()["services"]
     mount = next(v for v in services["ainode"]["volumes"] if v["target"] == "/etc/ainode/ainode.yaml")
     out = subprocess.run(
-        [sys.executable, "-m", "node.cli", "config", "check", mount["source"]],
+        [sys.executable, "-m", "node.operate.cli", "config", "check", mount["source"]],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

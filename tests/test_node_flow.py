@@ -80,7 +80,7 @@ def wait_for(predicate, timeout_s: float = 60, what: str = "condition", node: No
 
 def status(node: NodeProcess) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "node.cli", "status", "--json", "--config", str(node.config_path)],
+        [sys.executable, "-m", "node.operate.cli", "status", "--json", "--config", str(node.config_path)],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def ainode_run(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", "run", *map(str, args)],
+        [sys.executable, "-m", "node.operate.cli", "run", *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -19,7 +19,7 @@ from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
 from db.models import Association, Delivery, DeliveryState, Job, JobState, Result, Study, StudyState
 from node import __version__
-from node.cli import build_parser
+from node.operate.cli import build_parser
 from onnx_models.training.xray_phantom import make_xray_phantom
 from tests.dicom_fixtures import CR_IMAGE_STORAGE, radiograph_file
 from tests.peers import echoscu, free_port, storescu

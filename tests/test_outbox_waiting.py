@@ -30,7 +30,12 @@ SENDER_AE = "CT1"
 
 def ainode(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+        [sys.executable, "-m", "node.operate.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
     )
 
 

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError, NoResultFound
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
 from db.models import AuditEvent, Delivery, Job, Result, Study
-from node.worker import one_line_reason
+from node.reasons import one_line_reason
 from onnx_models.training.xray_phantom import make_xray_phantom
 from pipelines.runtime import bundled_models_dir
 from tests.dicom_fixtures import CR_IMAGE_STORAGE, radiograph_file
@@ -34,7 +34,7 @@ SENDER_AE = "CRSENDER"
 
 def ainode(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "node.cli", *args, "--config", str(node.config_path)],
+        [sys.executable, "-m", "node.operate.cli", *args, "--config", str(node.config_path)],
         capture_output=True,
         text=True,
         cwd=REPO,

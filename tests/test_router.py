@@ -7,8 +7,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from node.assemble.router import Router
 from node.config import Config, Route
-from node.router import Router
 
 OWN_UID = "1.2.826.0.1.3680043.8.498.1"
 

@@ -2,7 +2,7 @@
 
 The CLI runs as a subprocess. The peers are real: DCMTK ``storescp`` (``+xa`` accepts every syntax
 it knows; by default only uncompressed ones; ``+xi`` only Implicit VR Little Endian), Orthanc, and
-a running ``ainode serve``. The outbox delivers results through the same ``node.scu.store``.
+a running ``ainode serve``. The outbox delivers results through the same ``node.deliver.scu.store``.
 """
 
 from __future__ import annotations
@@ -279,7 +279,8 @@ def test_a_peer_that_aborts_the_store_is_named_in_each_files_line(tmp_path, stor
     assert_quiet(result)
     first, second, total = result.stdout.splitlines()
     assert first.startswith(f"{files[0]}: FAILED no C-STORE response: the peer aborted the association")
-    assert second == f"{files[1]}: FAILED not sent: the peer aborted the association"
+    # The abort may reach us before or after the second request went out: either way its line names it.
+    assert second.startswith(f"{files[1]}: FAILED ") and "the peer aborted the association" in second
     assert total == "0 sent, 2 failed"
 
 

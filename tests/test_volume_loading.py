@@ -1024,7 +1024,7 @@ def test_lateral_only_radiograph_study_is_not_analysable() -> None:
 
 # -- the runner turns unsuitable input into "not analysed" -----------------------------------------
 def test_study_runner_reports_unsuitable_input_as_not_analysed(tmp_path: Path) -> None:
-    from node.runner import OnnxStudyRunner
+    from node.work.runner import OnnxStudyRunner
     from pipelines.dicom import Equipment
     from pipelines.runtime import ModelRegistry, bundled_models_dir
 
@@ -1049,7 +1049,7 @@ def test_study_runner_reports_unsuitable_input_as_not_analysed(tmp_path: Path) -
 
 
 def test_study_runner_leaves_a_localizer_that_shares_the_series_out_of_the_volume(tmp_path: Path) -> None:
-    from node.runner import OnnxStudyRunner
+    from node.work.runner import OnnxStudyRunner
     from pipelines.dicom import Equipment
     from pipelines.runtime import ModelRegistry, bundled_models_dir
 

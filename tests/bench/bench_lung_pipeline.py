@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from node.runner import DEFER_BYTES  # noqa: E402
+from node.work.runner import DEFER_BYTES  # noqa: E402
 from onnx_models.training.ct_phantom import make_ct_phantom  # noqa: E402
 from pipelines.runtime import ModelRegistry, bundled_models_dir  # noqa: E402
 from pipelines.segmentation import model_input, segment  # noqa: E402

@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
 from db.models import Association, Instance
-from node.ingest import InstanceIndex
-from node.scp import StorageSCP
-from node.spool import Spool
+from node.receive.ingest import InstanceIndex
+from node.receive.scp import StorageSCP
+from node.receive.spool import Spool
 from tests.peers import free_port
 
 

@@ -8,7 +8,7 @@ import threading
 
 from node.app import NodeApp
 from node.config import load_config
-from node.logs import setup_logging
+from node.operate.logs import setup_logging
 from tests.support.runners import ThumbnailRunner
 
 

@@ -72,7 +72,7 @@ class NodeProcess:
 
     def start(self, wait: bool = True) -> NodeProcess:
         if self.cli:
-            cmd = [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)]
+            cmd = [sys.executable, "-m", "node.operate.cli", "serve", "--config", str(self.config_path)]
         else:
             cmd = [sys.executable, "-m", "tests.support.launch_node", str(self.config_path), str(self.job_lease_s)]
         log = open(self.log_path, "ab")

@@ -16,7 +16,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.worker import RunOutcome
+from node.work.worker import RunOutcome
 
 
 class ThumbnailRunner:

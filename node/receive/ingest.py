@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Instance, Series, Study, StudyState, UtcDateTime, utcnow
-from node.spool import Spool
+from node.receive.spool import Spool
 
 log = logging.getLogger("ainode.ingest")
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from node.app import MANUFACTURER, NodeApp, device_uid
+from node.app import NodeApp
+from node.assemble.router import Router
 from node.config import Config
-from node.router import Router
+from node.identity import MANUFACTURER, device_uid
 
 EXIT_FAILED = 1
 EXIT_NO_RESULT = 3

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Association as AssociationRow
 from db.models import Study, utcnow
-from node.ingest import InstanceIndex, ReceivedInstance
-from node.spool import Spool, SpoolError, valid_uid
+from node.receive.ingest import InstanceIndex, ReceivedInstance
+from node.receive.spool import Spool, SpoolError, valid_uid
 
 log = logging.getLogger("ainode.scp")
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from node.config import Config, ConfigError, check_config_command, load_config
-from node.logs import setup_logging
+from node.operate.logs import setup_logging
 
 log = logging.getLogger("ainode")
 
@@ -71,7 +71,7 @@ def _sessions(config: Config):  # type: ignore[no-untyped-def]
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.app import NodeApp
     from node.config import model_names, unknown_pipelines
-    from node.scp import ListenError, listen
+    from node.receive.scp import ListenError, listen
 
     config = _load(args)
     if args.role:
@@ -113,7 +113,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_route_test(args: argparse.Namespace) -> int:
-    from node.router import route_test_command
+    from node.assemble.router import route_test_command
 
     code, text = route_test_command(_load(args), _expand(args.files))
     print(text)
@@ -121,7 +121,7 @@ def cmd_route_test(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from node.status import collect_status, format_status
+    from node.operate.status import collect_status, format_status
 
     status = collect_status(_sessions(_load(args)), limit=args.limit)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
@@ -264,7 +264,7 @@ def cmd_outbox_retry(args: argparse.Namespace) -> int:
 
 
 def _peer(config: Config, name: str):  # type: ignore[no-untyped-def]
-    from node.scu import PeerAddress
+    from node.deliver.scu import PeerAddress
 
     peer = config.peers.get(name)
     if peer is None:
@@ -274,7 +274,7 @@ def _peer(config: Config, name: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from node.scu import AssociationFailed, echo, status_text
+    from node.deliver.scu import AssociationFailed, echo, status_text
 
     config = _load(args)
     peer = _peer(config, args.peer)
@@ -297,7 +297,7 @@ def _expand(paths: Sequence[str]) -> list[Path]:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from node.scu import AssociationFailed, TooManySopClasses, store
+    from node.deliver.scu import AssociationFailed, TooManySopClasses, store
 
     config = _load(args)
     peer = _peer(config, args.to)
@@ -355,7 +355,7 @@ def cmd_models_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from node.offline import run_offline
+    from node.operate.offline import run_offline
 
     outputs = set(args.outputs.split(",")) if args.outputs else None
     return run_offline(_load(args), _expand(args.inputs), Path(args.out), args.pipeline, outputs)

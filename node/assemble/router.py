@@ -21,6 +21,7 @@ from pydicom import Dataset, dcmread
 from pydicom.multival import MultiValue
 
 from node.config import Condition, Config, Route
+from node.identity import MANUFACTURER, device_uid
 
 OWN_RESULT_MODALITIES = {"SEG", "SR", "KO", "PR"}
 
@@ -134,8 +135,6 @@ class Router:
 
 def route_test_command(config: Config, files: Sequence[Path]) -> tuple[int, str]:
     """``ainode route-test FILE...`` (folders expanded by the CLI): per file, route, pipeline, destinations, why."""
-    from node.app import MANUFACTURER, device_uid
-
     router = Router(config.routes, own_device_uid=device_uid(config), own_manufacturer=MANUFACTURER)
     lines = []
     failed = 0

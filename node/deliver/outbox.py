@@ -28,9 +28,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditEvent, Delivery, DeliveryState, Job, Result, utcnow
 from db.queue import lease_due_deliveries, make_delivery_due
-from node.scu import AssociationFailed, PeerAddress, StoreOutcome, store
-from node.spool import Spool
-from node.worker import DestinationError, PeerResolver, one_line_reason
+from node.deliver.scu import AssociationFailed, PeerAddress, StoreOutcome, store
+from node.reasons import one_line_reason
+from node.receive.spool import Spool
+from node.work.destinations import DestinationError, PeerResolver
 
 log = logging.getLogger("ainode.outbox")
 

@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditEvent, Instance, Job, JobState, Series, Study, StudyState, utcnow
-from node.spool import Spool
+from node.receive.spool import Spool
 
 log = logging.getLogger("ainode.assembler")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 
-from node.worker import RunOutcome
+from node.work.worker import RunOutcome
 from pipelines.dicom import Equipment, OutputKind, write_results
 from pipelines.results import NotAnalysable, NotAnalysed
 from pipelines.run import run_pipeline

@@ -37,7 +37,9 @@ from db.models import (
     utcnow,
 )
 from db.queue import claim_next_job, heartbeat, make_delivery_due
-from node.spool import Spool
+from node.reasons import one_line_reason
+from node.receive.spool import Spool
+from node.work.destinations import Destination, DestinationError, PeerResolver
 
 log = logging.getLogger("ainode.worker")
 
@@ -56,33 +58,6 @@ def result_kind(ds: Dataset) -> str:
     return "sc"
 
 
-#: A job reason is one line an operator reads in ``ainode status``; longer messages are cut.
-MAX_REASON_CHARS = 500
-
-
-def _first_line(text: str) -> str:
-    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
-    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 1] + "…"
-
-
-def one_line_reason(exc: BaseException) -> str:
-    """``ExceptionClass: first line of its message`` — what a job (or delivery) records as its reason.
-
-    A database error names the driver's exception and the first line of the driver's message
-    (``IntegrityError: UNIQUE constraint failed: results.sop_instance_uid``): never the SQL
-    statement nor its parameters, which SQLAlchemy appends and which may hold patient data.
-    """
-    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        return f"{type(exc.orig).__name__}: {_first_line(str(exc.orig))}".rstrip(": ")
-    if isinstance(exc, SQLAlchemyError):
-        # Without the "[SQL: ...]" and "(Background on this error at: ...)" parts SQLAlchemy adds.
-        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else ""
-        return f"{type(exc).__name__}: {_first_line(message.split('[SQL:')[0])}".rstrip(": ")
-    return f"{type(exc).__name__}: {_first_line(str(exc))}".rstrip(": ")
-
-
 @dataclass
 class RunOutcome:
     """What a pipeline run produced for one job."""
@@ -99,20 +74,6 @@ class StudyRunner(Protocol):
     def run(self, pipeline: str, series_files: Mapping[str, Sequence[Path]], outputs: set[str]) -> RunOutcome: ...
 
 
-@dataclass(frozen=True)
-class Destination:
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    outputs: frozenset[str]
-
-
-class DestinationError(ValueError):
-    pass
-
-
-PeerResolver = Callable[[str, str | None, str | None], Destination]
 
 
 class Worker:

@@ -1,0 +1,1 @@
+"""Deliver: send result objects to their destinations over C-STORE, with retries."""

@@ -1,0 +1,48 @@
+"""Where a job's results go: a route's destination names resolved to peers of the configuration.
+
+"sender" is the peer whose AE title sent the study; any other name is a key under ``peers``. The
+outbox resolves again at each attempt, so a peer added to the configuration later takes effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from node.config import Config
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    outputs: frozenset[str]
+
+
+class DestinationError(ValueError):
+    pass
+
+
+PeerResolver = Callable[[str, str | None, str | None], Destination]
+
+
+def make_resolver(config: Config) -> Callable[[str, str | None, str | None], Destination]:
+    def resolve(name: str, sender_ae: str | None, sender_host: str | None) -> Destination:
+        if name == "sender":
+            found = config.peer_for_caller(sender_ae or "", sender_host) if sender_ae else None
+            if found is None:
+                raise DestinationError(
+                    f"the sender {sender_ae or '?'}@{sender_host or '?'} has no entry under peers "
+                    "(add its AE title, host and port to send results back)"
+                )
+            peer_name, peer = found
+        else:
+            peer = config.peers.get(name)
+            if peer is None:
+                raise DestinationError(f"no peer named {name!r}")
+            peer_name = name
+        return Destination(peer_name, peer.ae_title, peer.host, peer.port, frozenset(peer.outputs))
+
+    return resolve
