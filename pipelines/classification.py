@@ -6,10 +6,11 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from pipelines.manifest import OutputKind
+from pipelines.modelinput import check_modality, model_input
+from pipelines.notanalysed import NotAnalysable, NotAnalysedReason
 from pipelines.preprocess import resize_slices
-from pipelines.results import ClassificationResult, NotAnalysable, NotAnalysedReason
+from pipelines.results import ClassificationResult, ModelIdentity
 from pipelines.runtime import LoadedModel
-from pipelines.segmentation import check_modality, model_identity, model_input
 from pipelines.volume import Volume
 
 #: Fraction of the heat map's maximum that outlines the hot spot.
@@ -68,7 +69,7 @@ def classify(model: LoadedModel, volume: Volume) -> ClassificationResult:
         low = low.reshape(low.shape[-2:])
         heatmap = np.clip(resize_slices(low[None], (rows, cols))[0], 0.0, 1.0)
     return ClassificationResult(
-        model=model_identity(manifest),
+        model=ModelIdentity.of(manifest),
         volume=volume,
         finding=label.type.to_code(),
         probability=probability,

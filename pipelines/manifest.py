@@ -92,10 +92,6 @@ class TensorSpec(_Strict):
             raise ValueError(f"layout {self.layout!r} has {len(self.layout)} axes but shape has {len(self.shape)}")
         return self
 
-    @property
-    def static_shape(self) -> tuple[int | None, ...]:
-        return tuple(None if d is None or d < 0 else d for d in self.shape)
-
 
 class HuWindow(_Strict):
     """CT window mapped linearly to 0..1 (DICOM Window Center / Width semantics, in HU)."""
@@ -119,9 +115,6 @@ class Preprocessing(_Strict):
     spacing_mm: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)] | None = None
     #: Input rows, columns; without ``spacing_mm`` the whole image is resized to it.
     size: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=2, max_length=2)]
-    #: True: the model was trained on MONOCHROME2-looking images (bright = dense). The volume loader
-    #: already inverts MONOCHROME1, so this is a declaration that pipelines and checks rely on.
-    invert_monochrome1: bool = True
     #: Channels the network takes; a grey image is repeated into each.
     channels: Annotated[int, Field(ge=1, le=4)] = 1
     #: For task svm: names of the NumPy features (pipelines.svm.FEATURES) in the order of the input vector.
@@ -195,9 +188,6 @@ class ModelManifest(_Strict):
     @property
     def segment_labels(self) -> list[Label]:
         return list(self.outputs[0].labels)
-
-    def output(self, kind: OutputKind) -> Output | None:
-        return next((o for o in self.outputs if o.kind is kind), None)
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

@@ -16,33 +16,15 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from pipelines.manifest import ModelManifest, OutputKind
-from pipelines.preprocess import apply_window, normalise_intensity, resample_to_spacing, resize_slices
-from pipelines.results import (
-    ModelIdentity,
-    NotAnalysable,
-    NotAnalysedReason,
-    SegmentationResult,
-    SegmentDefinition,
-    SegmentStatistics,
-)
+from pipelines.modelinput import check_modality, model_input
+from pipelines.notanalysed import NotAnalysable, NotAnalysedReason
+from pipelines.outline import trace_outline
+from pipelines.preprocess import resize_slices
+from pipelines.results import ModelIdentity, SegmentationResult, SegmentDefinition, SegmentStatistics
 from pipelines.runtime import LoadedModel
 from pipelines.volume import Volume
 
 DEFAULT_BATCH_SIZE = 16
-
-
-def model_identity(manifest: ModelManifest) -> ModelIdentity:
-    return ModelIdentity(name=manifest.name, version=manifest.version)
-
-
-def check_modality(manifest: ModelManifest, volume: Volume) -> None:
-    if volume.modality not in manifest.modalities:
-        raise NotAnalysable(
-            NotAnalysedReason.WRONG_MODALITY,
-            f"model {manifest.name} takes {', '.join(manifest.modalities)}, series is {volume.modality}",
-        )
-    if volume.pixels.ndim != 3 or volume.pixels.shape[0] == 0 or min(volume.pixels.shape[1:]) < 8:
-        raise NotAnalysable(NotAnalysedReason.MISSING_PIXEL_DATA, f"no usable image in array {volume.pixels.shape}")
 
 
 def standard_flips(volume: Volume) -> tuple[bool, bool]:
@@ -58,25 +40,6 @@ def standard_flips(volume: Volume) -> tuple[bool, bool]:
             f"slices are not axial (normal {np.round(np.asarray(volume.slice_direction, float), 2).tolist()})",
         )
     return bool(col_dir[1] < 0), bool(row_dir[0] < 0)
-
-
-def model_input(manifest: ModelManifest, pixels: np.ndarray, spacing_rc_mm: tuple[float, float]) -> np.ndarray:
-    """Slices (B, rows, cols) in modality units -> the network input tensor (B, C, H, W)."""
-    pre = manifest.preprocessing
-    if pre.hu_window is not None:
-        x = apply_window(pixels, pre.hu_window.center, pre.hu_window.width)
-    elif pre.normalisation is not None:
-        norm = pre.normalisation
-        x = np.stack([normalise_intensity(s, norm.method, norm.low_percentile, norm.high_percentile) for s in pixels])
-    else:
-        x = pixels.astype(np.float32)
-    size = (pre.size[0], pre.size[1])
-    if pre.spacing_mm is not None:
-        x = resample_to_spacing(x, spacing_rc_mm, (pre.spacing_mm[0], pre.spacing_mm[1]), size)
-    else:
-        x = resize_slices(x, size)
-    x = np.repeat(x[:, None], pre.channels, axis=1)
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _to_image_grid(manifest: ModelManifest, maps: np.ndarray, shape: tuple[int, int], spacing_rc_mm) -> np.ndarray:
@@ -295,45 +258,6 @@ def postprocess(
     return labelmap
 
 
-def trace_outline(mask: np.ndarray) -> np.ndarray:
-    """Outer boundary of the largest 8-connected region of a 2D mask (Moore-neighbour tracing).
-
-    Returns
-    -------
-    numpy.ndarray
-        (points, 2) float array of (column, row) in DICOM image coordinates (the centre of the
-        top-left pixel is (0.5, 0.5), as SCOORD uses); the polygon is closed (last point = first).
-    """
-    components, n = ndi.label(mask, structure=np.ones((3, 3)))
-    if n == 0:
-        return np.zeros((0, 2))
-    largest = 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
-    m = np.pad(components == largest, 1)
-    rows, cols = np.nonzero(m)
-    start = (int(rows[0]), int(cols[0]))  # topmost, then leftmost: its west neighbour is background
-    # Clockwise on screen (rows grow downwards), starting west.
-    dirs = [(0, -1), (-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1)]
-    points = [start]
-    current, back = start, 0
-    for _ in range(4 * m.size):
-        for i in range(8):
-            d = (back + i) % 8
-            nxt = (current[0] + dirs[d][0], current[1] + dirs[d][1])
-            if m[nxt]:
-                prev = dirs[(back + i - 1) % 8]
-                back = dirs.index((current[0] + prev[0] - nxt[0], current[1] + prev[1] - nxt[1]))
-                current = nxt
-                break
-        else:
-            break  # a single isolated pixel
-        if current == start:
-            break
-        points.append(current)
-    points.append(start)
-    rc = np.asarray(points, dtype=float) - 1.0  # undo the padding
-    return np.stack([rc[:, 1] + 0.5, rc[:, 0] + 0.5], axis=1)
-
-
 def segment_statistics(volume: Volume, labelmap: np.ndarray, number: int) -> SegmentStatistics:
     """Volume, mean intensity, largest slice and its outline of one segment, a slab at a time."""
     per_slice = np.zeros(labelmap.shape[0], np.int64)
@@ -383,5 +307,5 @@ def segment(
         statistics = list(pool.map(lambda s: segment_statistics(volume, labelmap, s.number), segments))
     clock.lap("postprocess_s")
     return SegmentationResult(
-        model=model_identity(manifest), volume=volume, labelmap=labelmap, segments=segments, statistics=statistics
+        model=ModelIdentity.of(manifest), volume=volume, labelmap=labelmap, segments=segments, statistics=statistics
     )

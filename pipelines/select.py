@@ -15,25 +15,32 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom import Dataset
+from pydicom.uid import (
+    BreastTomosynthesisImageStorage,
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
+    DigitalMammographyXRayImageStorageForProcessing,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    MRImageStorage,
+)
 
-from pipelines.results import NotAnalysable, NotAnalysedReason
+from pipelines.manifest import Task
+from pipelines.notanalysed import NotAnalysable, NotAnalysedReason
 
 #: SOP classes that carry images a pipeline can use, by modality family.
-VOLUME_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.2",  # CT Image
-    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image
-    "1.2.840.10008.5.1.4.1.1.4",  # MR Image
-    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image
-}
+VOLUME_CLASSES = {CTImageStorage, EnhancedCTImageStorage, MRImageStorage, EnhancedMRImageStorage}
+FOR_PROCESSING = {DigitalXRayImageStorageForProcessing, DigitalMammographyXRayImageStorageForProcessing}
 PROJECTION_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1",  # CR Image
-    "1.2.840.10008.5.1.4.1.1.1.1",  # DX Image for presentation
-    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX Image for processing
-    "1.2.840.10008.5.1.4.1.1.1.2",  # MG Image for presentation
-    "1.2.840.10008.5.1.4.1.1.1.2.1",  # MG Image for processing
-    "1.2.840.10008.5.1.4.1.1.13.1.3",  # Breast Tomosynthesis
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalMammographyXRayImageStorageForPresentation,
+    BreastTomosynthesisImageStorage,
+    *FOR_PROCESSING,
 }
-FOR_PROCESSING = {"1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.2.1"}
 
 DEFAULT_MIN_SLICES = 16
 
@@ -99,8 +106,8 @@ def _is_original(ds: Dataset) -> bool:
     return not _NOT_ORIGINAL & set(_image_type(ds))
 
 
-def _volumetric(task: str, modalities: Sequence[str]) -> bool:
-    return task == "segmentation" and not set(modalities) & {"CR", "DX", "MG"}
+def _volumetric(task: Task, modalities: Sequence[str]) -> bool:
+    return task is Task.SEGMENTATION and not set(modalities) & {"CR", "DX", "MG"}
 
 
 def _volume_candidate(uid: str, headers: Sequence[Dataset], modalities: Sequence[str], min_slices: int) -> Candidate:
@@ -132,7 +139,7 @@ _FRONTAL = {"PA", "AP"}
 _LATERAL = {"LL", "RL", "LATERAL", "LAT", "RLD", "LLD"}
 
 
-def _projection_candidate(uid: str, headers: Sequence[Dataset], modalities: Sequence[str], task: str) -> Candidate:
+def _projection_candidate(uid: str, headers: Sequence[Dataset], modalities: Sequence[str]) -> Candidate:
     first = headers[0]
     modality = str(first.get("Modality", ""))
     view = str(first.get("ViewPosition", "")).upper().strip()
@@ -160,11 +167,14 @@ def _projection_candidate(uid: str, headers: Sequence[Dataset], modalities: Sequ
 
 
 def rank_series(
-    series: Mapping[str, Sequence[Dataset]], task: str, modalities: Sequence[str], min_slices: int = DEFAULT_MIN_SLICES
+    series: Mapping[str, Sequence[Dataset]],
+    task: Task | str,
+    modalities: Sequence[str],
+    min_slices: int = DEFAULT_MIN_SLICES,
 ) -> tuple[list[Candidate], dict[str, str]]:
-    """Candidates best first, and why each other series was rejected."""
+    """Candidates best first, and why each other series was rejected (parameters as :func:`select_series`)."""
     candidates, rejected = [], {}
-    volumetric = _volumetric(task, modalities)
+    volumetric = _volumetric(Task(task), modalities)
     for uid, headers in series.items():
         if not headers:
             continue
@@ -172,7 +182,7 @@ def rank_series(
             if volumetric:
                 candidates.append(_volume_candidate(uid, headers, modalities, min_slices))
             else:
-                candidates.append(_projection_candidate(uid, headers, modalities, task))
+                candidates.append(_projection_candidate(uid, headers, modalities))
         except ValueError as exc:
             rejected[uid] = str(exc)
     candidates.sort(key=lambda c: c.score, reverse=True)
@@ -181,7 +191,7 @@ def rank_series(
 
 def select_series(
     series: Mapping[str, Sequence[Dataset]],
-    task: str,
+    task: Task | str,
     modalities: Sequence[str],
     min_slices: int = DEFAULT_MIN_SLICES,
 ) -> str:
@@ -192,7 +202,8 @@ def select_series(
     series
         Headers (no pixel data needed) of every instance of the study, by SeriesInstanceUID.
     task
-        The model's task: "segmentation", "classification" or "svm".
+        The model's task (its manifest's ``task``); its value ("segmentation", ...) is taken too and
+        becomes the enum on entry.
     modalities
         Modalities the model accepts (Modality attribute, e.g. ["CT"], ["CR", "DX"], ["MG"]).
     """
@@ -203,7 +214,7 @@ def select_series(
     return candidates[0].series_instance_uid
 
 
-def usable_instances(headers: Sequence[Dataset], task: str, modalities: Sequence[str]) -> list[int]:
+def usable_instances(headers: Sequence[Dataset], task: Task | str, modalities: Sequence[str]) -> list[int]:
     """Indices of the instances of a chosen series that the pipeline should load.
 
     A volume takes the original image objects of the series (a localizer or a derived image that
@@ -211,12 +222,12 @@ def usable_instances(headers: Sequence[Dataset], task: str, modalities: Sequence
     the single best image (frontal over lateral, "for presentation" over "for processing"), because
     a radiograph series often holds several views.
     """
-    if _volumetric(task, modalities):
+    if _volumetric(Task(task), modalities):
         return [i for i, h in enumerate(headers) if str(h.get("SOPClassUID")) in VOLUME_CLASSES and _is_original(h)]
     scored = []
     for i, h in enumerate(headers):
         try:
-            scored.append((_projection_candidate(str(i), [h], modalities, task).score, -i))
+            scored.append((_projection_candidate(str(i), [h], modalities).score, -i))
         except ValueError:
             continue
     return [-max(scored)[1]] if scored else []

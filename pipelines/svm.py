@@ -16,9 +16,11 @@ from pydicom.sr.coding import Code
 from scipy import ndimage as ndi
 
 from pipelines.manifest import OutputKind
-from pipelines.results import DensityResult, Feature, NotAnalysable, NotAnalysedReason
+from pipelines.modelinput import check_modality
+from pipelines.notanalysed import NotAnalysable, NotAnalysedReason
+from pipelines.outline import trace_outline
+from pipelines.results import DensityResult, Feature, ModelIdentity
 from pipelines.runtime import LoadedModel
-from pipelines.segmentation import check_modality, model_identity, trace_outline
 from pipelines.volume import Volume
 
 #: Local coding scheme for measurements that have no standard code (DICOM PS3.16 8.2 allows "99" schemes).
@@ -180,7 +182,7 @@ def assess_density(model: LoadedModel, volume: Volume) -> DensityResult:
     labels = sorted(manifest.outputs[index].labels, key=lambda label: label.number)
     best = labels[int(np.argmax([probs[label.number] for label in labels]))]
     return DensityResult(
-        model=model_identity(manifest),
+        model=ModelIdentity.of(manifest),
         volume=volume,
         category=best.name,
         category_code=best.type.to_code(),

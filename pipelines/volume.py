@@ -8,7 +8,7 @@ or the Pixel Value Transformation of enhanced objects) and MONOCHROME1 is invert
 brighter always means more attenuation. Multi-frame objects (enhanced CT/MR with functional
 groups, multi-frame projection images) give one slice per frame.
 
-Unsuitable input raises :class:`~pipelines.results.NotAnalysable` with a specific reason.
+Unsuitable input raises :class:`~pipelines.notanalysed.NotAnalysable` with a specific reason.
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.pixels import pixel_array
 
-from pipelines.results import NotAnalysable, NotAnalysedReason
-
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+from pipelines.notanalysed import NotAnalysable, NotAnalysedReason
 
 #: Photometric interpretations a single-channel pipeline can use.
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
@@ -118,7 +116,7 @@ def _group(ds: Dataset, index: int, seq: str, attr: str) -> object | None:
 def _spacing(value: object | None) -> tuple[float, float] | None:
     if value is None:
         return None
-    vals = [float(v) for v in value]  # type: ignore[union-attr]
+    vals = [float(v) for v in value]  # type: ignore[attr-defined]
     return (vals[0], vals[1]) if len(vals) == 2 and min(vals) > 0 else None
 
 
@@ -158,8 +156,9 @@ def _frames(ds: Dataset) -> list[_Frame]:
                 position=_floats(pos, 3),
                 orientation=_floats(ori, 6),
                 pixel_spacing=spacing or (1.0, 1.0),
-                slope=float(slope) if slope not in (None, "") else 1.0,
-                intercept=float(intercept) if intercept not in (None, "") else 0.0,
+                # DS values (pydicom DSfloat / str); a value float() refuses is a broken header, raised as is.
+                slope=float(slope) if slope not in (None, "") else 1.0,  # type: ignore[arg-type]
+                intercept=float(intercept) if intercept not in (None, "") else 0.0,  # type: ignore[arg-type]
             )
         )
     return frames
@@ -212,27 +211,9 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def load_volume(
-    datasets: Sequence[Dataset | str | Path],
-    *,
-    min_slices: int = 1,
-    spacing_tolerance: float = 0.1,
-    photometric: Sequence[str] = GRAYSCALE,
-) -> Volume:
-    """Load one series (or one multi-frame object) into a :class:`Volume`.
-
-    Parameters
-    ----------
-    datasets
-        Instances of one series, as pydicom datasets with pixel data or as file paths, in any order.
-    min_slices
-        Fewer slices than this is "too few slices" (a CT pipeline wants a real volume).
-    spacing_tolerance
-        Largest allowed relative deviation of a gap between slice positions from the median gap.
-    photometric
-        Photometric Interpretations the pipeline accepts; others are "wrong photometric".
-    """
-    items = [_read(d) for d in datasets]
+# -- the steps of load_volume ------------------------------------------------------------------
+def _slices_of(items: Sequence[Dataset], min_slices: int, photometric: Sequence[str]) -> list[_Frame]:
+    """Every frame of every instance, in the order given; refuses a series without enough usable images."""
     if not items:
         raise NotAnalysable(NotAnalysedReason.TOO_FEW_SLICES, "the series has no instances")
     frames: list[_Frame] = []
@@ -248,66 +229,97 @@ def load_volume(
         raise NotAnalysable(
             NotAnalysedReason.TOO_FEW_SLICES, f"{len(frames)} slice(s), this pipeline needs at least {min_slices}"
         )
-    first = items[0]
-    rows, cols = int(first.Rows), int(first.Columns)
+    return frames
+
+
+def _image_size(items: Sequence[Dataset]) -> tuple[int, int]:
+    """Rows and Columns, the same for every instance of the series."""
+    rows, cols = int(items[0].Rows), int(items[0].Columns)
     if any(int(ds.Rows) != rows or int(ds.Columns) != cols for ds in items):
         raise NotAnalysable(NotAnalysedReason.INCONSISTENT_GEOMETRY, "images of different sizes in one series")
+    return rows, cols
 
-    geometric = all(f.position is not None and f.orientation is not None for f in frames)
-    if geometric:
-        orientation = frames[0].orientation
-        assert orientation is not None
-        if any(not np.allclose(f.orientation, orientation, atol=1e-3) for f in frames):  # type: ignore[arg-type]
-            raise NotAnalysable(NotAnalysedReason.INCONSISTENT_GEOMETRY, "slices with different orientations")
-        row_cosines, column_cosines = orientation[:3], orientation[3:]
-        # Broken exporters write all-zero or parallel direction cosines: there is no slice normal to sort along.
-        lengths = float(np.linalg.norm(row_cosines) * np.linalg.norm(column_cosines))
-        if lengths < 1e-6 or np.linalg.norm(np.cross(row_cosines, column_cosines)) / lengths < 0.99:
-            raise NotAnalysable(
-                NotAnalysedReason.INCONSISTENT_GEOMETRY,
-                f"Image Orientation (Patient) {orientation.tolist()} is not two perpendicular directions",
-            )
-        row_dir, col_dir = _unit(row_cosines), _unit(column_cosines)
-        normal = _unit(np.cross(row_dir, col_dir))
-        along = np.array([float(np.dot(f.position, normal)) for f in frames])  # type: ignore[arg-type]
-        order = np.argsort(along, kind="stable")
-        frames = [frames[i] for i in order]
-        along = along[order]
-        gaps = np.diff(along)
-        if len(frames) > 1:
-            if np.any(gaps < 1e-3):
-                raise NotAnalysable(
-                    NotAnalysedReason.INCONSISTENT_GEOMETRY, "two slices at the same position (duplicates?)"
-                )
-            step = float(np.median(gaps))
-            if np.max(np.abs(gaps - step)) > spacing_tolerance * step:
-                raise NotAnalysable(
-                    NotAnalysedReason.UNEVEN_SPACING,
-                    f"slice gaps from {gaps.min():.2f} to {gaps.max():.2f} mm (median {step:.2f} mm)",
-                )
-            progression = _unit(frames[-1].position - frames[0].position)  # type: ignore[operator]
-            tilt_deg = float(np.degrees(np.arccos(min(1.0, abs(float(np.dot(progression, normal)))))))
-            if tilt_deg > 0.5:
-                raise NotAnalysable(
-                    NotAnalysedReason.GANTRY_TILT,
-                    f"slices are sheared by {tilt_deg:.1f} degrees from their normal (gantry tilt)",
-                )
-        else:
-            step = float(first.get("SliceThickness") or 1.0)
-        tilt = first.get("GantryDetectorTilt")
-        if tilt not in (None, "") and abs(float(tilt)) > 0.01:
-            raise NotAnalysable(NotAnalysedReason.GANTRY_TILT, f"Gantry/Detector Tilt {float(tilt):g} degrees")
-        origin = np.asarray(frames[0].position, float)
+
+@dataclass(frozen=True)
+class _Placement:
+    """The slices in their order along the slice normal, and where that puts them in patient space."""
+
+    frames: list[_Frame]
+    origin: np.ndarray
+    #: Distance between slice centres (mm).
+    step: float
+    row_direction: np.ndarray
+    column_direction: np.ndarray
+    normal: np.ndarray
+
+
+def _axes(frames: Sequence[_Frame]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit row direction, column direction and slice normal of frames that share one orientation."""
+    orientation = frames[0].orientation
+    assert orientation is not None
+    if any(not np.allclose(f.orientation, orientation, atol=1e-3) for f in frames):  # type: ignore[arg-type]
+        raise NotAnalysable(NotAnalysedReason.INCONSISTENT_GEOMETRY, "slices with different orientations")
+    row_cosines, column_cosines = orientation[:3], orientation[3:]
+    # Broken exporters write all-zero or parallel direction cosines: there is no slice normal to sort along.
+    lengths = float(np.linalg.norm(row_cosines) * np.linalg.norm(column_cosines))
+    if lengths < 1e-6 or np.linalg.norm(np.cross(row_cosines, column_cosines)) / lengths < 0.99:
+        raise NotAnalysable(
+            NotAnalysedReason.INCONSISTENT_GEOMETRY,
+            f"Image Orientation (Patient) {orientation.tolist()} is not two perpendicular directions",
+        )
+    row_dir, col_dir = _unit(row_cosines), _unit(column_cosines)
+    return row_dir, col_dir, _unit(np.cross(row_dir, col_dir))
+
+
+def _evenly_spaced_step(frames: Sequence[_Frame], along: np.ndarray, normal: np.ndarray, tolerance: float) -> float:
+    """The slice gap of frames sorted along the normal; refuses duplicates, uneven gaps and sheared stacks."""
+    gaps = np.diff(along)
+    if np.any(gaps < 1e-3):
+        raise NotAnalysable(NotAnalysedReason.INCONSISTENT_GEOMETRY, "two slices at the same position (duplicates?)")
+    step = float(np.median(gaps))
+    if np.max(np.abs(gaps - step)) > tolerance * step:
+        raise NotAnalysable(
+            NotAnalysedReason.UNEVEN_SPACING,
+            f"slice gaps from {gaps.min():.2f} to {gaps.max():.2f} mm (median {step:.2f} mm)",
+        )
+    progression = _unit(frames[-1].position - frames[0].position)  # type: ignore[operator]
+    tilt_deg = float(np.degrees(np.arccos(min(1.0, abs(float(np.dot(progression, normal)))))))
+    if tilt_deg > 0.5:
+        raise NotAnalysable(
+            NotAnalysedReason.GANTRY_TILT,
+            f"slices are sheared by {tilt_deg:.1f} degrees from their normal (gantry tilt)",
+        )
+    return step
+
+
+def _place_in_patient_space(frames: Sequence[_Frame], first: Dataset, spacing_tolerance: float) -> _Placement:
+    """Frames that all have Image Position and Orientation (Patient): sorted along the slice normal."""
+    row_dir, col_dir, normal = _axes(frames)
+    along = np.array([float(np.dot(f.position, normal)) for f in frames])  # type: ignore[arg-type]
+    order = np.argsort(along, kind="stable")
+    ordered = [frames[i] for i in order]
+    if len(ordered) > 1:
+        step = _evenly_spaced_step(ordered, along[order], normal, spacing_tolerance)
     else:
-        if len(frames) > 1 and not all(f.frame_index is not None for f in frames):
-            raise NotAnalysable(
-                NotAnalysedReason.INCONSISTENT_GEOMETRY, "several images without Image Position (Patient)"
-            )
-        # Projection images (CR, DX, MG) and frames without patient geometry: identity axes.
-        row_dir, col_dir, normal = np.eye(3)
-        origin = np.zeros(3)
-        step = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+        step = float(first.get("SliceThickness") or 1.0)
+    tilt = first.get("GantryDetectorTilt")
+    if tilt not in (None, "") and abs(float(tilt)) > 0.01:
+        raise NotAnalysable(NotAnalysedReason.GANTRY_TILT, f"Gantry/Detector Tilt {float(tilt):g} degrees")
+    origin = np.asarray(ordered[0].position, float)
+    return _Placement(ordered, origin, step, row_dir, col_dir, normal)
 
+
+def _place_without_geometry(frames: Sequence[_Frame], first: Dataset) -> _Placement:
+    """Projection images (CR, DX, MG) and frames without patient geometry: identity axes, order as given."""
+    if len(frames) > 1 and not all(f.frame_index is not None for f in frames):
+        raise NotAnalysable(NotAnalysedReason.INCONSISTENT_GEOMETRY, "several images without Image Position (Patient)")
+    row_dir, col_dir, normal = np.eye(3)
+    step = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+    return _Placement(list(frames), np.zeros(3), step, row_dir, col_dir, normal)
+
+
+def _decode_slices(items: Sequence[Dataset], frames: Sequence[_Frame], rows: int, cols: int) -> np.ndarray:
+    """The pixels of ``frames`` in modality units, one slice per frame in their order."""
     # Decode into a preallocated array: peak memory stays near the volume plus one decoded instance per core.
     dtype = _value_dtype(frames)
     pixels = np.empty((len(frames), rows, cols), dtype=dtype)
@@ -339,28 +351,63 @@ def load_volume(
     # Instances decode on every core (decoders and NumPy release the GIL); each writes its own slots.
     with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1)) as pool:
         list(pool.map(fill, items))
+    return pixels
 
+
+def _show_monochrome1_as_monochrome2(items: Sequence[Dataset], pixels: np.ndarray) -> None:
+    """MONOCHROME1 (the minimum value is white): invert in place, so that higher values are always brighter."""
     if any(str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1" for ds in items):
-        # MONOCHROME1: the minimum value is white. Invert around the stored range so that
-        # higher values are always brighter, as the models were trained.
+        # Around the stored range, as the models were trained.
         lo, hi = float(pixels.min()), float(pixels.max())
         np.subtract(hi + lo, pixels, out=pixels)
 
+
+def load_volume(
+    datasets: Sequence[Dataset | str | Path],
+    *,
+    min_slices: int = 1,
+    spacing_tolerance: float = 0.1,
+    photometric: Sequence[str] = GRAYSCALE,
+) -> Volume:
+    """Load one series (or one multi-frame object) into a :class:`Volume`.
+
+    Parameters
+    ----------
+    datasets
+        Instances of one series, as pydicom datasets with pixel data or as file paths, in any order.
+    min_slices
+        Fewer slices than this is "too few slices" (a CT pipeline wants a real volume).
+    spacing_tolerance
+        Largest allowed relative deviation of a gap between slice positions from the median gap.
+    photometric
+        Photometric Interpretations the pipeline accepts; others are "wrong photometric".
+    """
+    items = [_read(d) for d in datasets]
+    frames = _slices_of(items, min_slices, photometric)
+    first = items[0]
+    rows, cols = _image_size(items)
+    if all(f.position is not None and f.orientation is not None for f in frames):
+        placement = _place_in_patient_space(frames, first, spacing_tolerance)
+    else:
+        placement = _place_without_geometry(frames, first)
+    pixels = _decode_slices(items, placement.frames, rows, cols)
+    _show_monochrome1_as_monochrome2(items, pixels)
     frame_ref = first.get("FrameOfReferenceUID")
+    ordered = placement.frames
     return Volume(
         pixels=pixels,
-        origin_mm=origin,
-        spacing_mm=(step, frames[0].pixel_spacing[0], frames[0].pixel_spacing[1]),
-        row_direction=row_dir,
-        column_direction=col_dir,
-        slice_direction=normal,
+        origin_mm=placement.origin,
+        spacing_mm=(placement.step, ordered[0].pixel_spacing[0], ordered[0].pixel_spacing[1]),
+        row_direction=placement.row_direction,
+        column_direction=placement.column_direction,
+        slice_direction=placement.normal,
         source_frames=[
             SourceFrame(
                 str(f.ds.SOPClassUID),
                 str(f.ds.SOPInstanceUID),
                 None if f.frame_index is None else f.frame_index + 1,
             )
-            for f in frames
+            for f in ordered
         ],
         study_instance_uid=str(first.StudyInstanceUID),
         series_instance_uid=str(first.SeriesInstanceUID),

@@ -1,6 +1,8 @@
 """``ainode run``: route, run and write results without a network, as the node would send them.
 
-For AI engineers checking a model on a study, and for operators reproducing a result.
+For AI engineers checking a model on a study, and for operators reproducing a result. The analysis
+is the node's own (:class:`pipelines.study.OnnxStudyRunner`, built as ``serve`` builds it); this module
+only reads the files, routes each study as the router would, and writes what comes back to a folder.
 
 Exit codes (for scripts): 0 results written and nothing failed; 1 a file could not be read or a
 pipeline failed; 3 nothing failed but no result was written (every series unrouted, or every study
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydicom import dcmread
@@ -19,14 +22,14 @@ from node.app import NodeApp
 from node.assemble.router import Router
 from node.config import Config
 from node.identity import MANUFACTURER, device_uid
+from pipelines.study import ResultKind, StudyRunner
 
 EXIT_FAILED = 1
 EXIT_NO_RESULT = 3
 
 
-def run_offline(
-    config: Config, files: list[Path], out_dir: Path, pipeline: str | None, outputs: set[str] | None = None
-) -> int:
+def _studies(files: list[Path]) -> tuple[dict[str, dict[str, list[Path]]], int]:
+    """The files by study and series UID, and how many could not be read (each named on stderr)."""
     studies: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
     unreadable = 0
     for f in files:
@@ -36,23 +39,37 @@ def run_offline(
         except Exception as exc:
             print(f"{f}: not a readable DICOM file ({type(exc).__name__})", file=sys.stderr)
             unreadable += 1
+    return studies, unreadable
+
+
+def _plan(router: Router, study_uid: str, series: dict[str, list[Path]], pipeline: str | None) -> dict[str, str]:
+    """The pipelines to run on one study, each with why: ``--pipeline``, or the route of its series."""
+    if pipeline:
+        return {pipeline: "--pipeline"}
+    plan: dict[str, str] = {}
+    for paths in series.values():
+        decision = router.route(dcmread(paths[0], stop_before_pixels=True))
+        if decision.route is not None:
+            plan.setdefault(decision.route.pipeline, f"route {decision.route.name}")
+        else:
+            print(f"study {study_uid}: series not routed: {decision.reason}")
+    return plan
+
+
+def run_offline(
+    config: Config,
+    files: list[Path],
+    out_dir: Path,
+    pipeline: str | None,
+    outputs: Iterable[ResultKind | str] | None = None,
+) -> int:
+    studies, failures = _studies(files)
     router = Router(config.routes, own_device_uid=device_uid(config), own_manufacturer=MANUFACTURER)
-    runner = NodeApp.make_runner_for(config)
-    failures = unreadable
+    runner: StudyRunner = NodeApp.make_runner_for(config)
+    wanted = set(outputs or ResultKind)  # the values (--outputs seg,sr) become ResultKind in the runner
     written = 0
     for study_uid, series in studies.items():
-        if pipeline:
-            plan = {pipeline: "--pipeline"}
-        else:
-            plan = {}
-            for paths in series.values():
-                decision = router.route(dcmread(paths[0], stop_before_pixels=True))
-                if decision.route is not None:
-                    plan.setdefault(decision.route.pipeline, f"route {decision.route.name}")
-                else:
-                    print(f"study {study_uid}: series not routed: {decision.reason}")
-        for name, why in plan.items():
-            wanted = outputs or {"seg", "sr", "sc"}
+        for name, why in _plan(router, study_uid, series, pipeline).items():
             try:
                 outcome = runner.run(name, {uid: sorted(p) for uid, p in series.items()}, wanted)
             except Exception as exc:

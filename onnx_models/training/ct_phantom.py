@@ -101,7 +101,13 @@ def make_ct_phantom(rng: np.random.Generator, size: int = 256, n_slices: int | N
     ]
     arms = rng.random() < 0.25
     nodules = [
-        (rng.integers(0, 2), rng.uniform(0.2, 0.8), rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5), rng.uniform(3, 14))
+        (
+            int(rng.integers(0, 2)),
+            rng.uniform(0.2, 0.8),
+            rng.uniform(-0.5, 0.5),
+            rng.uniform(-0.5, 0.5),
+            rng.uniform(3, 14),
+        )
         for _ in range(rng.poisson(0.7))
     ]
     gas = [(rng.uniform(-0.6, 0.6), rng.uniform(-0.7, 0.2), rng.uniform(4, 16), rng.uniform(0, 0.2)) for _ in range(6)]

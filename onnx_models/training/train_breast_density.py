@@ -105,7 +105,7 @@ def manifest(tiny: bool) -> dict:
         "description": "Reference SVM: BI-RADS breast composition (A-D) from intensity and texture features of "
         "one mammogram. Trained on procedural phantoms; not for clinical use.",
         "input": {"name": "features", "layout": "NF", "shape": [-1, len(FEATURE_NAMES)], "dtype": "float32"},
-        "preprocessing": {"size": [512, 512], "features": FEATURE_NAMES, "invert_monochrome1": True},
+        "preprocessing": {"size": [512, 512], "features": FEATURE_NAMES},
         "outputs": [
             {"name": "label", "kind": "label", "units": "1"},
             {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -23,7 +24,17 @@ from onnx_models.training.xray_phantom import make_xray_phantom
 from pipelines.preprocess import normalise_intensity, resize_slices
 
 SIZE = 256
-NORMALISATION = {"method": "percentile", "low_percentile": 1.0, "high_percentile": 99.0}
+
+
+class Normalisation(TypedDict):
+    """The keyword arguments of ``normalise_intensity``, as written to model.yaml."""
+
+    method: str
+    low_percentile: float
+    high_percentile: float
+
+
+NORMALISATION: Normalisation = {"method": "percentile", "low_percentile": 1.0, "high_percentile": 99.0}
 THRESHOLD = 0.5
 HELD_OUT_SEED_OFFSET = 100_000
 
@@ -120,7 +131,7 @@ def manifest(tiny: bool) -> dict:
         "description": "Reference CNN: probability of a focal lung opacity on a frontal chest radiograph, with a "
         "class-activation map. Trained on procedural phantoms; not for clinical use.",
         "input": {"name": "image", "layout": "NCHW", "shape": [-1, 1, SIZE, SIZE], "dtype": "float32"},
-        "preprocessing": {"normalisation": NORMALISATION, "size": [SIZE, SIZE], "invert_monochrome1": True},
+        "preprocessing": {"normalisation": NORMALISATION, "size": [SIZE, SIZE]},
         "outputs": [
             {
                 "name": "probability",

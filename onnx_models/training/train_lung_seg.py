@@ -144,7 +144,6 @@ def manifest(tiny: bool) -> dict:
         "input": {"name": "hu", "layout": "NCHW", "shape": [-1, 1, GRAPH_SIZE, GRAPH_SIZE], "dtype": "float32"},
         "preprocessing": {
             "size": [GRAPH_SIZE, GRAPH_SIZE],
-            "invert_monochrome1": False,
             "channels": 1,
         },
         "outputs": [

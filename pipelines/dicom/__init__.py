@@ -11,9 +11,16 @@ Every object stays in the source study, in a new series, with UIDs fixed here (:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from enum import Enum
 
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    BasicTextSRStorage,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    ExtensibleSRStorage,
+    SegmentationStorage,
+)
 
 from pipelines.dicom.air import Equipment
 from pipelines.dicom.sc import make_secondary_captures
@@ -21,26 +28,33 @@ from pipelines.dicom.seg import make_segmentation
 from pipelines.dicom.source import ordered_sources
 from pipelines.dicom.sr import make_report
 from pipelines.dicom.uids import ResultUids
+from pipelines.enums import ResultKind
 from pipelines.results import PipelineResult, SegmentationResult
 
-
-class OutputKind(str, Enum):
-    """Result objects a destination can ask for (config ``peers.<name>.outputs``)."""
-
-    SEG = "seg"
-    SR = "sr"
-    SC = "sc"
-
-
 #: Series Number of each result series (the source series keep theirs; viewers sort by it).
-SERIES_NUMBER = {OutputKind.SEG: 901, OutputKind.SR: 902, OutputKind.SC: 903}
+SERIES_NUMBER = {ResultKind.SEG: 901, ResultKind.SR: 902, ResultKind.SC: 903}
+
+#: The SR storage SOP classes (PS3.4 B.5) whatever template they carry: a report, for a destination.
+SR_CLASSES = frozenset(
+    {BasicTextSRStorage, EnhancedSRStorage, ComprehensiveSRStorage, Comprehensive3DSRStorage, ExtensibleSRStorage}
+)
+
+
+def result_kind(ds: Dataset) -> ResultKind:
+    """The kind of a result object by its SOP Class UID: SEG, SR, or SC (any image for plain viewers)."""
+    sop_class = str(ds.SOPClassUID)
+    if sop_class == SegmentationStorage:
+        return ResultKind.SEG
+    if sop_class in SR_CLASSES:
+        return ResultKind.SR
+    return ResultKind.SC
 
 
 def write_results(
     result: PipelineResult,
     datasets: Sequence[Dataset],
     equipment: Equipment,
-    outputs: Iterable[OutputKind | str],
+    outputs: Iterable[ResultKind | str],
     *,
     omit_empty_frames: bool = False,
 ) -> list[Dataset]:
@@ -53,32 +67,33 @@ def write_results(
     datasets
         The source series the pipeline analysed (with pixel data when SC is wanted), in any order.
     outputs
-        Which kinds to make. A segmentation's SR refers to its SEG, so asking for ``sr`` makes the SEG too.
+        Which kinds to make (their values, "seg", are taken too). A segmentation's SR refers to its SEG, so
+        asking for ``sr`` makes the SEG too.
     omit_empty_frames
         Leave SEG frames without any segment pixel out (off by default: OHIF misplaces segments then).
     """
-    wanted = {OutputKind(o) for o in outputs}
+    wanted = {ResultKind(o) for o in outputs}
     uids = ResultUids.for_result(result.model, result.volume)
     sources = ordered_sources(result.volume, datasets)
     out: list[Dataset] = []
     seg = None
-    if isinstance(result, SegmentationResult) and wanted & {OutputKind.SEG, OutputKind.SR}:
+    if isinstance(result, SegmentationResult) and wanted & {ResultKind.SEG, ResultKind.SR}:
         seg = make_segmentation(
             result,
             sources,
             equipment,
-            series_instance_uid=uids.series("seg"),
-            sop_instance_uid=uids.instance("seg"),
-            series_number=SERIES_NUMBER[OutputKind.SEG],
+            series_instance_uid=uids.series(ResultKind.SEG),
+            sop_instance_uid=uids.instance(ResultKind.SEG),
+            series_number=SERIES_NUMBER[ResultKind.SEG],
             tracking_uids={s.number: uids.tracking(s.number) for s in result.segments},
             omit_empty_frames=omit_empty_frames,
         )
         out.append(seg)
-    if OutputKind.SR in wanted:
-        out.append(make_report(result, sources, equipment, uids, seg=seg, series_number=SERIES_NUMBER[OutputKind.SR]))
-    if OutputKind.SC in wanted:
-        out += make_secondary_captures(result, datasets, equipment, uids, series_number=SERIES_NUMBER[OutputKind.SC])
+    if ResultKind.SR in wanted:
+        out.append(make_report(result, sources, equipment, uids, seg=seg, series_number=SERIES_NUMBER[ResultKind.SR]))
+    if ResultKind.SC in wanted:
+        out += make_secondary_captures(result, datasets, equipment, uids, series_number=SERIES_NUMBER[ResultKind.SC])
     return out
 
 
-__all__ = ["Equipment", "OutputKind", "SERIES_NUMBER", "ResultUids", "write_results"]
+__all__ = ["Equipment", "SERIES_NUMBER", "SR_CLASSES", "ResultUids", "result_kind", "write_results"]

@@ -102,8 +102,11 @@ def series_description(what: str, model: ModelIdentity) -> str:
     return f"AI {what} ({model.name} {model.version})"[:64]
 
 
-def is_own_result(ds: Dataset, device_uid: str, manufacturer: str) -> bool:
-    """Whether ``ds`` was produced by this node (or another node of the same software): loop prevention.
+def produced_by(ds: Dataset, device_uid: str, manufacturer: str) -> str | None:
+    """Why ``ds`` is a result of this node (or of another node of the same software), or None: loop prevention.
+
+    It reads the attributes :func:`add_air_attributes` writes, Contributing Equipment items first, then
+    General Equipment, and names the one that matched (for the router's "ignored: produced by this node").
 
     Parameters
     ----------
@@ -115,6 +118,12 @@ def is_own_result(ds: Dataset, device_uid: str, manufacturer: str) -> bool:
         Our Manufacturer value; any node of the same software counts as "own" to avoid ping-pong between nodes.
     """
     for item in ds.get("ContributingEquipmentSequence", []):
-        if item.get("DeviceUID") == device_uid or str(item.get("Manufacturer", "")).strip() == manufacturer:
-            return True
-    return ds.get("DeviceUID") == device_uid or str(ds.get("Manufacturer", "")).strip() == manufacturer
+        if item.get("DeviceUID") == device_uid:
+            return f"ContributingEquipmentSequence DeviceUID {device_uid}"
+        if str(item.get("Manufacturer", "")).strip() == manufacturer:
+            return f"ContributingEquipmentSequence Manufacturer {manufacturer}"
+    if ds.get("DeviceUID") == device_uid:
+        return f"DeviceUID {device_uid}"
+    if str(ds.get("Manufacturer", "")).strip() == manufacturer:
+        return f"Manufacturer {manufacturer}"
+    return None

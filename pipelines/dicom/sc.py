@@ -21,6 +21,7 @@ from scipy import ndimage as ndi
 from pipelines.dicom.air import Equipment, add_air_attributes, series_description
 from pipelines.dicom.source import header_copy
 from pipelines.dicom.uids import ResultUids
+from pipelines.enums import ResultKind
 from pipelines.results import ClassificationResult, DensityResult, SegmentationResult
 from pipelines.volume import Volume
 
@@ -138,12 +139,13 @@ def _capture(
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=uids.series("sc"),
+        series_instance_uid=uids.series(ResultKind.SC),
         series_number=series_number,
-        sop_instance_uid=uids.instance("sc", instance_number),
+        sop_instance_uid=uids.instance(ResultKind.SC, instance_number),
         instance_number=instance_number,
         manufacturer=equipment.manufacturer,
-        pixel_spacing=(float(volume.spacing_mm[1]), float(volume.spacing_mm[2])),
+        # highdicom annotates pixel_spacing as ints; PS3.3 C.8.6.2 Nominal Scanned Pixel Spacing is DS (mm).
+        pixel_spacing=(float(volume.spacing_mm[1]), float(volume.spacing_mm[2])),  # type: ignore[arg-type]
         patient_orientation=orientation if all(orientation) else None,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=series_description(model_description, result_model),
@@ -225,13 +227,14 @@ def make_secondary_captures(
         summary = f"{result.finding.meaning} {verdict} (p = {result.probability:.2f}, threshold {result.threshold:.2f})"
         what = "heat map"
     else:
-        outline = np.zeros(volume.pixels.shape[1:], bool)
+        height, width = int(volume.pixels.shape[1]), int(volume.pixels.shape[2])
+        outline = np.zeros((height, width), bool)
         if len(result.breast_outline_rc):
-            cols = np.clip((result.breast_outline_rc[:, 0]).astype(int), 0, outline.shape[1] - 1)
-            rows = np.clip((result.breast_outline_rc[:, 1]).astype(int), 0, outline.shape[0] - 1)
-            image = Image.fromarray(np.zeros(outline.shape, np.uint8))
+            cols = np.clip((result.breast_outline_rc[:, 0]).astype(int), 0, width - 1)
+            rows = np.clip((result.breast_outline_rc[:, 1]).astype(int), 0, height - 1)
+            image = Image.fromarray(np.zeros((height, width), np.uint8))
             ImageDraw.Draw(image).line(list(zip(cols.tolist(), rows.tolist(), strict=True)), fill=1,
-                                       width=max(1, max(outline.shape) // 256))  # fmt: skip
+                                       width=max(1, max(height, width) // 256))  # fmt: skip
             outline = np.asarray(image) > 0
             rgb[outline] = PALETTE[1]
         probability = result.probabilities.get(result.category, 0.0)

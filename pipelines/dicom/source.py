@@ -67,9 +67,3 @@ def ordered_sources(volume: Volume, datasets: Sequence[Dataset]) -> list[Dataset
         if uid not in seen:
             seen[uid] = header_copy(by_uid[uid])
     return list(seen.values())
-
-
-def source_for_slice(volume: Volume, datasets: Sequence[Dataset], index: int) -> Dataset:
-    """The caller's dataset (read only) that slice ``index`` of the volume came from."""
-    uid = str(volume.source_frames[index].sop_instance_uid)
-    return next(ds for ds in datasets if str(ds.SOPInstanceUID) == uid)

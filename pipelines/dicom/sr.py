@@ -26,11 +26,13 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
 
 from pipelines.dicom import codes as c
 from pipelines.dicom.air import Equipment, add_air_attributes, series_description, sr_algorithm_id
 from pipelines.dicom.codes import ucum
 from pipelines.dicom.uids import ResultUids
+from pipelines.enums import ResultKind
 from pipelines.results import (
     ClassificationResult,
     DensityResult,
@@ -40,8 +42,6 @@ from pipelines.results import (
     SegmentStatistics,
 )
 from pipelines.volume import SourceFrame
-
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 #: One imaging-measurements group of TID 1500 (TID 1410, 1411 or 1501).
 Group = (
@@ -128,7 +128,7 @@ def _segment_groups(
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.tracking(segment.number), identifier=segment.label),
             referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=SEG_SOP_CLASS,
+                sop_class_uid=SegmentationStorage,
                 sop_instance_uid=str(seg.SOPInstanceUID),
                 segment_number=segment.number,
                 source_series=hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid),
@@ -309,9 +309,9 @@ def make_report(
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        series_instance_uid=uids.series("sr"),
+        series_instance_uid=uids.series(ResultKind.SR),
         series_number=series_number,
-        sop_instance_uid=uids.instance("sr"),
+        sop_instance_uid=uids.instance(ResultKind.SR),
         instance_number=1,
         manufacturer=equipment.manufacturer,
         is_complete=True,

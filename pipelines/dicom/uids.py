@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pydicom.uid import generate_uid
 
+from pipelines.enums import ResultKind
 from pipelines.results import ModelIdentity
 from pipelines.volume import Volume
 
@@ -33,11 +34,12 @@ class ResultUids:
     def uid(self, *what: object) -> str:
         return generate_uid(entropy_srcs=["dicom-ai-node result", self.key, *map(str, what)])
 
-    def series(self, kind: str) -> str:
-        return self.uid(kind, "series")
+    # A kind enters the UID by its value ("seg"): the UIDs of results made before ResultKind existed stay.
+    def series(self, kind: ResultKind) -> str:
+        return self.uid(ResultKind(kind).value, "series")
 
-    def instance(self, kind: str, number: int = 1) -> str:
-        return self.uid(kind, "instance", number)
+    def instance(self, kind: ResultKind, number: int = 1) -> str:
+        return self.uid(ResultKind(kind).value, "instance", number)
 
     def tracking(self, segment_number: int, purpose: str = "volume") -> str:
         return self.uid("tracking", purpose, segment_number)

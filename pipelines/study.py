@@ -1,0 +1,189 @@
+"""Analyse one study: choose the series a model takes, load it, run the model, write the result objects.
+
+The core's one entry point for a whole study. The worker (``node/work/worker.py``) calls it for a
+job and ``ainode run`` (``node/operate/offline.py``) for files on disk; both get the same objects
+with the same UIDs. It reads the files it is given and returns DICOM datasets: it stores, sends and
+records nothing. Unsuitable input ends as "not analysed" with the pipeline's own reason; anything
+else that goes wrong is an exception, which fails that job alone and leaves the node serving.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pydicom import Dataset, dcmread
+
+from pipelines.classification import classify
+from pipelines.dicom import Equipment, result_kind, write_results
+from pipelines.enums import ResultKind
+from pipelines.manifest import Task
+from pipelines.notanalysed import NotAnalysable, NotAnalysed
+from pipelines.results import PipelineResult
+from pipelines.runtime import LoadedModel, ModelRegistry
+from pipelines.segmentation import segment
+from pipelines.select import Candidate, rank_series, select_series, usable_instances
+from pipelines.svm import assess_density
+from pipelines.volume import Volume, load_volume
+
+__all__ = [
+    "DEFER_BYTES",
+    "OnnxStudyRunner",
+    "ResultKind",
+    "RunOutcome",
+    "StudyRunner",
+    "describe_selection",
+    "result_kind",
+    "run_pipeline",
+]
+
+#: Elements larger than this (pixel data) are read only when used.
+DEFER_BYTES = 64 * 1024
+
+
+@dataclass
+class RunOutcome:
+    """What the analysis of one study produced."""
+
+    #: The result objects, complete and with their UIDs fixed, in the order they should be sent.
+    datasets: list[Dataset] = field(default_factory=list)
+    #: Set when the study was not analysed (unsuitable input): the job ends "not-applicable".
+    not_analysed: str | None = None
+    model_s: float | None = None
+    #: Which series the pipeline took and why each other was skipped (UIDs, series numbers and descriptions).
+    selection: str | None = None
+
+
+class StudyRunner(Protocol):
+    """Analyses one study with one pipeline; what the worker and ``ainode run`` call."""
+
+    def run(
+        self, pipeline: str, series_files: Mapping[str, Sequence[Path]], outputs: Iterable[ResultKind | str]
+    ) -> RunOutcome:
+        """Analyse the study whose files are ``series_files`` (by Series Instance UID) with ``pipeline``.
+
+        ``outputs`` are the kinds of result object wanted (their values, "seg", are taken too).
+        """
+        ...
+
+
+def describe_selection(
+    headers: Mapping[str, Sequence[Dataset]], candidates: Sequence[Candidate], rejected: Mapping[str, str]
+) -> str:
+    """One line for the operator: the series the pipeline takes, and why each other one is skipped.
+
+    A series is named by its number, description and UID (what a PACS viewer lists), never by
+    anything about the patient.
+    """
+
+    def name(uid: str) -> str:
+        first = headers[uid][0] if headers.get(uid) else Dataset()
+        number = first.get("SeriesNumber")
+        text = str(first.get("SeriesDescription", "") or "").strip()
+        label = f"series {'?' if number in (None, '') else number}"
+        return f"{label} '{text}' {uid}" if text else f"{label} {uid}"
+
+    skipped = [f"{name(uid)}: {why}" for uid, why in rejected.items()]
+    skipped += [f"{name(c.series_instance_uid)}: ranked below the chosen series" for c in candidates[1:]]
+    head = "no series chosen"
+    if candidates:
+        head = f"chose {name(candidates[0].series_instance_uid)} ({candidates[0].description})"
+    return head + ("; skipped " + "; ".join(skipped) if skipped else "")
+
+
+def run_pipeline(model: LoadedModel, volume: Volume, batch_size: int | None = None) -> PipelineResult | NotAnalysed:
+    """Run ``model`` on ``volume`` with the pipeline of its manifest's task, and return its plain result.
+
+    Unsuitable input (wrong modality, no pixels, not axial, not a single image...) comes back as
+    :class:`~pipelines.notanalysed.NotAnalysed` with a specific reason; only genuine faults (a broken
+    model, a bug) raise. ``batch_size`` overrides the manifest's slices per inference call (segmentation).
+    """
+    task = model.manifest.task
+    try:
+        if task is Task.SEGMENTATION:
+            return segment(model, volume, batch_size)
+        if task is Task.CLASSIFICATION:
+            return classify(model, volume)
+        if task is Task.SVM:
+            return assess_density(model, volume)
+    except NotAnalysable as exc:
+        return exc.outcome
+    raise ValueError(f"model {model.manifest.name}: no pipeline for task {task!r}")
+
+
+class OnnxStudyRunner:
+    """The :class:`StudyRunner` of the node: series selection, volume, ONNX pipeline, DICOM writers.
+
+    Parameters
+    ----------
+    registry
+        The models by name (a route's ``pipeline``).
+    equipment
+        The node as DICOM equipment, written into every result object (IHE AIR).
+    omit_empty_frames
+        Leave DICOM-SEG frames without any segment pixel out (config ``results.omit_empty_seg_frames``).
+    batch_size
+        Slices per inference call for every model (config ``runtime.batch_size``); None: each manifest's own.
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        equipment: Equipment,
+        *,
+        omit_empty_frames: bool = False,
+        batch_size: int | None = None,
+    ) -> None:
+        self.registry = registry
+        self.equipment = equipment
+        self.omit_empty_frames = omit_empty_frames
+        self.batch_size = batch_size
+
+    def preload(self, pipelines: Iterable[str]) -> dict[str, str]:
+        """Load (verify checksum, create the session of) each routed model now; returns problems by name.
+
+        At start, so that a missing or tampered model is reported when the node starts rather than at
+        the first study, and the first study does not wait for a session to be created.
+        """
+        problems = {}
+        for name in dict.fromkeys(pipelines):
+            try:
+                self.registry.get(name)
+            except Exception as exc:  # reported to the operator; jobs routed to it fail with the same reason
+                problems[name] = f"{type(exc).__name__}: {exc}"
+        return problems
+
+    def run(
+        self, pipeline: str, series_files: Mapping[str, Sequence[Path]], outputs: Iterable[ResultKind | str]
+    ) -> RunOutcome:
+        wanted = sorted({ResultKind(o) for o in outputs})
+        model = self.registry.get(pipeline)
+        manifest = model.manifest
+        # One parse per file: pixel data is deferred (read from the file when the volume is built), so the
+        # headers that selection reads are the datasets that are then loaded.
+        headers = {uid: [dcmread(p, defer_size=DEFER_BYTES) for p in paths] for uid, paths in series_files.items()}
+        modalities = list(manifest.modalities)
+        candidates, rejected = rank_series(headers, task=manifest.task, modalities=modalities)
+        selection = describe_selection(headers, candidates, rejected)
+        try:
+            # With no candidate, select_series raises NotAnalysable(NO_SUITABLE_SERIES) with every reason.
+            chosen = (
+                candidates[0].series_instance_uid if candidates else select_series(headers, manifest.task, modalities)
+            )
+            datasets = [headers[chosen][i] for i in usable_instances(headers[chosen], manifest.task, modalities)]
+            volume = load_volume(datasets)
+        except NotAnalysable as exc:
+            return RunOutcome(not_analysed=str(exc.outcome), selection=selection)
+        for ds in datasets:
+            # The volume holds the pixels now; the writers need headers only (SC renders from the volume).
+            ds.pop(0x7FE00010, None)
+        t0 = time.monotonic()
+        result = run_pipeline(model, volume, batch_size=self.batch_size)
+        model_s = time.monotonic() - t0
+        if isinstance(result, NotAnalysed):
+            return RunOutcome(not_analysed=str(result), model_s=model_s, selection=selection)
+        objects = write_results(result, datasets, self.equipment, wanted, omit_empty_frames=self.omit_empty_frames)
+        return RunOutcome(datasets=list(objects), model_s=model_s, selection=selection)
