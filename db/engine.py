@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -16,7 +16,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     SQLite gets WAL journaling (readers never block the receiver's writes), a busy timeout
     (several threads of one node write), foreign keys on, and ``synchronous=NORMAL``: in WAL
     mode a committed transaction survives a killed process; the spool, fsynced before every
-    C-STORE success, is re-indexed at start for the power-loss case (see node.receive.spool.reconcile).
+    C-STORE success, is re-indexed at start for the power-loss case (see node.receive.ingest.reconcile_spool).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -52,5 +52,6 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def is_postgres(engine: Engine) -> bool:
-    return engine.dialect.name == "postgresql"
+def is_postgres(bind: Engine | Connection) -> bool:
+    """True on PostgreSQL (``FOR UPDATE [SKIP LOCKED]``, its own INSERT dialect); ``bind`` as ``session.get_bind()``."""
+    return bind.dialect.name == "postgresql"

@@ -16,7 +16,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Delivery, DeliveryState, Job, JobState, Study, StudyState, utcnow
+from db.engine import is_postgres
+from db.models import Delivery, DeliveryState, Job, JobState, utcnow
+from db.states import set_job_state
 
 
 def process_identity(suffix: str = "") -> str:
@@ -30,16 +32,12 @@ def claim_next_job(sessions: sessionmaker[Session], worker_id: str, now: datetim
     now = now or utcnow()
     with sessions() as session, session.begin():
         stmt = select(Job).where(Job.state == JobState.QUEUED).order_by(Job.id).limit(1)
-        if session.get_bind().dialect.name == "postgresql":
+        if is_postgres(session.get_bind()):
             stmt = stmt.with_for_update(skip_locked=True)
         job = session.scalars(stmt).first()
         if job is None:
             return None
-        job.state = JobState.RUNNING
-        job.claimed_by = worker_id
-        job.started_at = now
-        job.heartbeat_at = now
-        job.attempts += 1
+        set_job_state(job, JobState.RUNNING, job.reason, now, worker=worker_id)
         session.flush()
         session.expunge(job)
         return job
@@ -83,7 +81,7 @@ def reclaim_stale_jobs(
     reclaimed: list[int] = []
     with sessions() as session, session.begin():
         stmt = select(Job).where(Job.state == JobState.RUNNING)
-        if session.get_bind().dialect.name == "postgresql":
+        if is_postgres(session.get_bind()):
             stmt = stmt.with_for_update(skip_locked=True)
         for job in session.scalars(stmt):
             owner_host, _, rest = (job.claimed_by or "").partition(":")
@@ -93,12 +91,9 @@ def reclaim_stale_jobs(
             if not (dead_here or expired):
                 continue
             if job.attempts >= max_attempts:
-                job.state = JobState.FAILED
-                job.reason = f"worker died {job.attempts} times while running this job"
-                job.finished_at = now
+                set_job_state(job, JobState.FAILED, f"worker died {job.attempts} times while running this job", now)
             else:
-                job.state = JobState.QUEUED
-                job.reason = f"requeued: worker {job.claimed_by} stopped while running it"
+                set_job_state(job, JobState.QUEUED, f"requeued: worker {job.claimed_by} stopped while running it", now)
             job.claimed_by = None
             reclaimed.append(job.id)
     return reclaimed
@@ -133,53 +128,10 @@ def lease_due_deliveries(
         )
         if only is not None:
             stmt = stmt.where(Delivery.id.in_(list(only)))
-        if session.get_bind().dialect.name == "postgresql":
+        if is_postgres(session.get_bind()):
             stmt = stmt.with_for_update(skip_locked=True)
         rows = list(session.scalars(stmt))
         for row in rows:
             row.leased_until = now + timedelta(seconds=lease_s)
             row.leased_by = owner
         return [row.id for row in rows]
-
-
-# -- operator actions ----------------------------------------------------------------------------
-OPEN_JOB_STATES = (JobState.QUEUED, JobState.RUNNING)
-
-
-def requeue_job(session: Session, job: Job, reason: str) -> JobState:
-    """Queue an ended job again (operator retry or reprocess); returns the state it had.
-
-    The crash counter starts again (a re-run is a new run), and a processed study of the same
-    version becomes queued until this job ends too. Raises ValueError for a queued or running job.
-    """
-    previous = job.state
-    if previous in OPEN_JOB_STATES:
-        raise ValueError(f"job {job.id} is {previous.value}")
-    job.state = JobState.QUEUED
-    job.reason = reason
-    job.claimed_by = None
-    job.attempts = 0
-    job.finished_at = None
-    study = session.get(Study, job.study_id)
-    if (
-        study is not None
-        and study.version == job.study_version
-        and study.state in (StudyState.PROCESSED, StudyState.UNROUTED)
-    ):
-        study.state = StudyState.QUEUED
-    return previous
-
-
-def make_delivery_due(row: Delivery, now: datetime) -> None:
-    """Send this delivery again from the start (a re-made result, an operator's retry).
-
-    A live lease is left alone: the sender holding it records the outcome of the attempt it is
-    making, and no row is ever sent by two processes at once. The attempt count starts again, so
-    the retry policy gives the new sending its whole give-up window.
-    """
-    row.state = DeliveryState.PENDING
-    row.attempts = 0
-    row.next_attempt_at = now
-    row.last_status = None
-    row.last_error = None
-    row.delivered_at = None

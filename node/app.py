@@ -9,32 +9,35 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
-from db.models import Delivery, DeliveryState, Instance, Job, JobState, Series, Study, StudyState, utcnow
+from db.models import Delivery, DeliveryState, Instance, Job, Series, Study, StudyState, utcnow
 from db.queue import process_identity, reclaim_stale_jobs
+from db.states import OPEN_JOB_STATES
 from node import __version__
 from node.assemble.assembler import StudyAssembler
 from node.assemble.router import Router
 from node.config import Config, delivery_warnings, display_database_url
-from node.deliver.outbox import Backoff, Outbox, OutboxThread
+from node.deliver.outbox import Backoff, Outbox, outbox_loop
 from node.identity import MANUFACTURER, device_uid
+from node.loops import Loop
+from node.models import registry_from_config
 from node.receive.ingest import InstanceIndex, reconcile_spool
 from node.receive.scp import StorageSCP, listen
 from node.receive.spool import Spool
 from node.work.destinations import make_resolver
-from node.work.worker import StudyRunner, Worker, WorkerPool
+from node.work.worker import Worker, WorkerPool
+from pipelines.study import StudyRunner
 
 log = logging.getLogger("ainode")
+
 
 def _model_label(runner: StudyRunner, name: str) -> str:
     """``lung-seg 1.0 (CPUExecutionProvider)`` for a model the runner loaded; the bare name otherwise."""
@@ -43,40 +46,6 @@ def _model_label(runner: StudyRunner, name: str) -> str:
         return name
     model = registry.get(name)  # loaded by preload: no second session
     return f"{name} {model.manifest.version} ({', '.join(model.providers_in_use)})"
-
-
-@dataclass
-class Loop:
-    """A background loop calling ``step`` every ``every_s`` seconds until stopped."""
-
-    name: str
-    step: Callable[[], object]
-    every_s: float
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self, timeout_s: float = 10) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout_s)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.step()
-            except Exception:
-                log.exception("%s: unexpected error; continuing", self.name)
-            self._wake.wait(self.every_s)
-            self._wake.clear()
 
 
 class NodeApp:
@@ -106,7 +75,7 @@ class NodeApp:
         self._assembler_poll_s = assembler_poll_s
         self.scp: StorageSCP | None = None
         self.pool: WorkerPool | None = None
-        self.outbox_thread: OutboxThread | None = None
+        self.outbox_thread: Loop | None = None
         self.loops: list[Loop] = []
 
     # -- parts -----------------------------------------------------------------------------
@@ -115,17 +84,11 @@ class NodeApp:
 
     @staticmethod
     def make_runner_for(config: Config) -> StudyRunner:
-        from node.work.runner import OnnxStudyRunner
         from pipelines.dicom import Equipment
-        from pipelines.runtime import ModelRegistry, bundled_models_dir
+        from pipelines.study import OnnxStudyRunner
 
         rt = config.runtime
-        registry = ModelRegistry(
-            [bundled_models_dir(), *map(Path, config.node.models_dirs)],
-            providers=None if rt.providers == "auto" else list(rt.providers),
-            intra_op_threads=rt.intra_op_threads,
-            inter_op_threads=rt.inter_op_threads,
-        )
+        registry = registry_from_config(config)
         equipment = Equipment(
             manufacturer=MANUFACTURER,
             model_name=MANUFACTURER,
@@ -201,18 +164,18 @@ class NodeApp:
             ]
             self.pool = WorkerPool(workers, self.sessions, heartbeat_s=max(1.0, self.job_lease_s / 4))
             self.pool.start()
-            self.outbox_thread = OutboxThread(self.make_outbox())
+            self.outbox_thread = outbox_loop(self.make_outbox())
             self.outbox_thread.start()
 
         def assemble() -> None:
             if assembler.tick() and self.pool is not None:
                 self.pool.wake()
 
-        assemble_loop = Loop("assembler", assemble, self._assembler_poll_s)
+        assemble_loop = Loop("assembler", assemble, self._assembler_poll_s, log=log)
         self.loops = [
             assemble_loop,
-            Loop("reclaimer", self._reclaim, max(1.0, self.job_lease_s / 2)),
-            Loop("retention", self._retention, 600.0),
+            Loop("reclaimer", self._reclaim, max(1.0, self.job_lease_s / 2), log=log),
+            Loop("retention", self._retention, 600.0, log=log),
         ]
         for loop in self.loops:
             loop.start()
@@ -273,7 +236,7 @@ class NodeApp:
         if self.pool is not None:
             self.pool.stop()
         if self.outbox_thread is not None:
-            self.outbox_thread.stop()
+            self.outbox_thread.stop(30)
         self.engine.dispose()
 
     # -- housekeeping ----------------------------------------------------------------------
@@ -282,36 +245,53 @@ class NodeApp:
             if self.pool is not None:
                 self.pool.wake()
 
-    def _retention(self) -> None:
-        """Delete received images of studies whose results were delivered long enough ago."""
+    def _retention(self, now: datetime | None = None) -> None:
+        """Delete received images of studies whose results were delivered ``retention_days`` ago or more.
+
+        A study qualifies once it is processed (or unrouted), no job of it is open, no delivery of it
+        is pending or waiting, and both its last instance and its last delivery are older than the
+        cutoff: a study whose PACS took the results only yesterday keeps its images.
+        """
         days = self.config.node.retention_days
         if days is None:
             return
-        cutoff = utcnow() - timedelta(days=days)
+        cutoff = (now or utcnow()) - timedelta(days=days)
+        expired: list[tuple[int, str]] = []
         with self.sessions() as session:
-            studies = session.execute(
+            candidates = session.execute(
                 select(Study.id, Study.study_instance_uid).where(
                     Study.state.in_([StudyState.PROCESSED, StudyState.UNROUTED]),
                     Study.last_received_at < cutoff,
                 )
             ).all()
-            for study_id, study_uid in studies:
-                pending = session.execute(
-                    select(Delivery.id)
-                    .join(Delivery.result)
-                    .join(Job)
-                    .where(Job.study_id == study_id, Delivery.state == DeliveryState.PENDING)
+            for study_id, study_uid in candidates:
+                deliveries = select(Delivery).join(Delivery.result).join(Job).where(Job.study_id == study_id)
+                unsent = session.execute(
+                    deliveries.where(Delivery.state.in_([DeliveryState.PENDING, DeliveryState.WAITING]))
                 ).first()
-                running = session.execute(
-                    select(Job.id).where(Job.study_id == study_id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+                open_job = session.execute(
+                    select(Job.id).where(Job.study_id == study_id, Job.state.in_(OPEN_JOB_STATES))
                 ).first()
-                if pending is None and running is None:
-                    self._forget_images(study_id, study_uid)
+                last_delivered = session.scalars(
+                    deliveries.where(Delivery.delivered_at.is_not(None)).order_by(Delivery.delivered_at.desc())
+                ).first()
+                delivered_recently = (
+                    last_delivered is not None
+                    and last_delivered.delivered_at is not None
+                    and last_delivered.delivered_at >= cutoff
+                )
+                if unsent is None and open_job is None and not delivered_recently:
+                    expired.append((study_id, study_uid))
+        # The reading transaction ends before anything is deleted: on SQLite it holds the write lock
+        # (BEGIN IMMEDIATE), and a second transaction inside it would wait for it until "database is locked".
+        for study_id, study_uid in expired:
+            self._forget_images(study_id, study_uid)
 
     def _forget_images(self, study_id: int, study_uid: str) -> None:
         with self.sessions() as session, session.begin():
             series_ids = select(Series.id).where(Series.study_id == study_id)
-            removed = session.execute(delete(Instance).where(Instance.series_id.in_(series_ids))).rowcount
+            deleted = session.execute(delete(Instance).where(Instance.series_id.in_(series_ids)))
+            removed = cast(CursorResult[Any], deleted).rowcount
             study = session.get(Study, study_id)
             if study is not None:
                 study.note = f"received images removed by retention ({removed} instances)"

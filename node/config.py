@@ -8,10 +8,9 @@ A bad config is one :class:`ConfigError` naming each bad key and what is wrong w
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -27,10 +26,15 @@ from pydantic import (
 )
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
+from pipelines.enums import ResultKind
+
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 ENV_PREFIX = "AINODE_"
 #: Where a command looks when neither --config nor AINODE_CONFIG names a file, in this order.
 CONFIG_SEARCH_PATHS = (Path("ainode.yaml"), Path("/etc/ainode/ainode.yaml"))
+#: A study is complete after this many quiet seconds, unless its route says otherwise (and for
+#: a study no route matched, which waits as long before it is called unrouted).
+DEFAULT_STABLE_AFTER_S = 5.0
 
 
 class ConfigSource(NamedTuple):
@@ -69,7 +73,6 @@ def _check_ae_title(value: str) -> str:
 
 AETitle = Annotated[str, Field(description="DICOM AE title")]
 Port = Annotated[int, Field(ge=1, le=65535)]
-OutputName = Literal["seg", "sr", "sc"]
 
 
 class NodeSettings(_Strict):
@@ -126,16 +129,6 @@ class NodeSettings(_Strict):
             raise ValueError(f"{v!r} is not a DICOM UID (digits and dots, at most 64 characters)")
         return v
 
-    def caller_allowed(self, ae_title: str, host: str | None) -> bool:
-        if not self.allowed_callers:
-            return True
-        ae_title = ae_title.strip()
-        for entry in self.allowed_callers:
-            ae, _, h = entry.partition("@")
-            if ae == ae_title and (not h or h == host):
-                return True
-        return False
-
 
 class RuntimeSettings(_Strict):
     #: "auto": TensorRT / CUDA when onnxruntime-gpu and a GPU are present, else CPU.
@@ -156,8 +149,8 @@ class Peer(_Strict):
     port: Port
     #: The peer sends one whole study per association ("send to AI"): process it at release.
     complete_on_release: bool = False
-    #: Which result objects this destination gets.
-    outputs: set[OutputName] = {"seg", "sr"}
+    #: Which result objects this destination gets ("seg", "sr", "sc" in the file; ResultKind once validated).
+    outputs: set[ResultKind] = {ResultKind.SEG, ResultKind.SR}
 
     @field_validator("ae_title")
     @classmethod
@@ -211,7 +204,7 @@ class Route(_Strict):
     match: dict[str, Condition] = {}
     pipeline: str = Field(min_length=1)
     destinations: list[str] = ["sender"]
-    stable_after_s: float = Field(5, gt=0)
+    stable_after_s: float = Field(DEFAULT_STABLE_AFTER_S, gt=0)
 
     @field_validator("match", mode="before")
     @classmethod
@@ -305,9 +298,7 @@ def _apply(data: dict[str, Any], path: list[str], value: Any, var: str) -> tuple
             node[key] = nxt
             owned = owned or tuple(path[: i + 1])
         if not isinstance(nxt, dict):
-            raise ConfigError(
-                f"config error in environment variable {var}: {'.'.join(path[: i + 1])} is not a section"
-            )
+            raise ConfigError(f"config error in environment variable {var}: {'.'.join(path[: i + 1])} is not a section")
         node = nxt
     node[path[-1]] = value
     return owned or tuple(path)
@@ -414,36 +405,6 @@ def display_database_url(url: str) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
-def model_names(config: Config) -> list[str]:
-    """Names of the models routes can use: the bundled ones and those in ``node.models_dirs``.
-
-    Reads manifests only; no model file is opened and no ONNX session is created.
-    """
-    from pipelines.runtime import ModelRegistry, bundled_models_dir
-
-    return [m.name for m in ModelRegistry([bundled_models_dir(), *map(Path, config.node.models_dirs)]).list()]
-
-
-def unknown_pipelines(config: Config, models: Collection[str]) -> list[str]:
-    """One line per route whose pipeline is none of ``models``, naming the route and the known models.
-
-    Kept apart from :class:`Config`'s own validation: which models exist is a fact of the disk,
-    not of the YAML, so ``config check`` and ``serve`` ask it after the file is valid.
-    """
-    known = ", ".join(sorted(models)) or "none"
-    lines = []
-    for i, route in enumerate(config.routes):
-        if route.pipeline in models:
-            continue
-        close = difflib.get_close_matches(route.pipeline, list(models), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        lines.append(
-            f"config error in {config.source.path}: routes.{i} ({route.name}): pipeline {route.pipeline!r} "
-            f"is not a model found (models: {known}){hint}"
-        )
-    return lines
-
-
 def delivery_warnings(config: Config) -> list[str]:
     """One line per route whose results cannot reach anyone as configured (quick start: no peers)."""
     if config.peers:
@@ -454,23 +415,3 @@ def delivery_warnings(config: Config) -> list[str]:
         for r in config.routes
         if "sender" in r.destinations
     ]
-
-
-def check_config_command(path: Path | str) -> tuple[int, str]:
-    """``ainode config check FILE``: exit code (0 or 2) and the message to print."""
-    try:
-        cfg = load_config(path)
-    except ConfigError as exc:
-        return 2, str(exc)
-    problems = unknown_pipelines(cfg, model_names(cfg))
-    if problems:
-        return 2, "\n".join(problems)
-    n = cfg.node
-    peers = ", ".join(f"{k}={p.ae_title}@{p.host}:{p.port}" for k, p in cfg.peers.items()) or "none"
-    routes = "; ".join(f"{r.name} -> {r.pipeline} -> {','.join(r.destinations)}" for r in cfg.routes) or "none"
-    warnings = "".join(f"\n  warning: {w}" for w in delivery_warnings(cfg))
-    return 0, (
-        f"config OK: {path}\n  AE title {n.ae_title}, listening on {n.host}:{n.port}, {n.workers} workers, "
-        f"role {n.role}\n  database {display_database_url(n.database_url)}\n  peers: {peers}\n"
-        f"  routes: {routes}{warnings}"
-    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Protocol
 
 from pydicom import Dataset
@@ -18,11 +18,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditEvent, Instance, Job, JobState, Series, Study, StudyState, utcnow
+from db.states import set_job_state, set_study_state
+from node.config import DEFAULT_STABLE_AFTER_S
 from node.receive.spool import Spool
 
 log = logging.getLogger("ainode.assembler")
-
-DEFAULT_STABLE_AFTER_S = 5.0
 
 
 class RouteLike(Protocol):
@@ -134,8 +134,8 @@ class StudyAssembler:
 
             if not route_names:
                 reasons = "; ".join(sorted({reason for _, reason in rows if reason}))[:2000]
-                study.state = StudyState.UNROUTED if study.version == 1 else StudyState.PROCESSED
-                study.note = f"no route matched: {reasons}"
+                ended = StudyState.UNROUTED if study.version == 1 else StudyState.PROCESSED
+                set_study_state(study, ended, f"no route matched: {reasons}", now)
                 log.info("study %s complete, not routed: %s", study.study_instance_uid, reasons)
                 session.add(AuditEvent(kind="study", subject=study.study_instance_uid, detail=study.note))
                 return []
@@ -151,12 +151,12 @@ class StudyAssembler:
                     destinations=list(route.destinations),
                     sender_ae=study.sender_ae,
                     sender_host=study.sender_host,
-                    state=JobState.QUEUED,
                 )
+                set_job_state(job, JobState.QUEUED, None, now)
                 session.add(job)
                 session.flush()
                 created.append(CreatedJob(job.id, study.study_instance_uid, name, route.pipeline))
-            study.state = StudyState.QUEUED
+            set_study_state(study, StudyState.QUEUED, None, now)
             why = "released by sender" if study.complete_requested else f"quiet for {quiet_s:.1f} s"
             for c in created:
                 log.info(
@@ -170,14 +170,3 @@ class StudyAssembler:
                     c.pipeline,
                 )
             return created
-
-    def next_deadline_s(self, now: datetime | None = None) -> float | None:
-        """Seconds until the earliest receiving study could become ready (for sleeping)."""
-        now = now or utcnow()
-        with self.sessions() as session:
-            oldest = session.execute(
-                select(func.min(Study.last_received_at)).where(Study.state == StudyState.RECEIVING)
-            ).scalar_one_or_none()
-        if oldest is None:
-            return None
-        return max(0.0, (oldest + timedelta(seconds=self.default_stable_after_s) - now).total_seconds())

@@ -22,8 +22,7 @@ from pydicom.multival import MultiValue
 
 from node.config import Condition, Config, Route
 from node.identity import MANUFACTURER, device_uid
-
-OWN_RESULT_MODALITIES = {"SEG", "SR", "KO", "PR"}
+from pipelines.dicom.air import produced_by
 
 
 @dataclass(frozen=True)
@@ -87,20 +86,6 @@ def _describe(cond: Condition) -> str:
         return f"~ /{cond.regex}/"
     lo, hi = cond.range or (None, None)
     return f"in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-
-
-def produced_by(ds: Dataset, own_device_uid: str, own_manufacturer: str) -> str | None:
-    """Why ``ds`` is one of our own results, or None."""
-    for item in ds.get("ContributingEquipmentSequence", []):
-        if item.get("DeviceUID") == own_device_uid:
-            return f"ContributingEquipmentSequence DeviceUID {own_device_uid}"
-        if str(item.get("Manufacturer", "")).strip() == own_manufacturer:
-            return f"ContributingEquipmentSequence Manufacturer {own_manufacturer}"
-    if ds.get("DeviceUID") == own_device_uid:
-        return f"DeviceUID {own_device_uid}"
-    if str(ds.get("Manufacturer", "")).strip() == own_manufacturer:
-        return f"Manufacturer {own_manufacturer}"
-    return None
 
 
 class Router:

@@ -17,7 +17,6 @@ since no later attempt can change that without a new configuration and an operat
 from __future__ import annotations
 
 import logging
-import threading
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,13 +26,19 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditEvent, Delivery, DeliveryState, Job, Result, utcnow
-from db.queue import lease_due_deliveries, make_delivery_due
+from db.queue import lease_due_deliveries
+from db.states import make_delivery_due, set_delivery_state
 from node.deliver.scu import AssociationFailed, PeerAddress, StoreOutcome, store
+from node.loops import Loop
 from node.reasons import one_line_reason
 from node.receive.spool import Spool
 from node.work.destinations import DestinationError, PeerResolver
 
 log = logging.getLogger("ainode.outbox")
+
+#: The states a leased delivery is in while this outbox tries it. Another state means another sender
+#: ended it after this one's lease ran out (a send slower than ``lease_s``): its outcome stands.
+_TRIED = (DeliveryState.PENDING, DeliveryState.WAITING)
 
 
 @dataclass(frozen=True)
@@ -166,10 +171,10 @@ class Outbox:
         with self.sessions() as session, session.begin():
             for delivery_id, (state, why) in held.items():
                 row = session.get(Delivery, delivery_id)
-                if row is None:
+                if row is None or row.state not in _TRIED:
                     continue
                 changed = (row.state, row.last_error) != (state, why)
-                row.state, row.last_error = state, why
+                set_delivery_state(row, state, why, now)
                 row.leased_until = row.leased_by = None
                 if state == DeliveryState.WAITING:
                     summary.waiting += 1
@@ -184,15 +189,15 @@ class Outbox:
     def _send(self, peer: PeerAddress, items: list[tuple[int, str, str]], summary: OutboxPass) -> None:
         try:
             outcomes = self.store_fn(self.calling_ae, peer, [self.spool.abspath(p) for _, p, _ in items])
-        except AssociationFailed as exc:  # node/scu.py's message states the cause
-            outcomes = [StoreOutcome(None, str(exc))] * len(items)
-        except Exception as exc:  # a broken result file must not stop the outbox
-            outcomes = [StoreOutcome(None, one_line_reason(exc))] * len(items)
+        except Exception as exc:  # a peer down or a broken result file must not stop the outbox
+            # AssociationFailed's own message states the cause (node/deliver/scu.py); others name their type.
+            why = str(exc) if isinstance(exc, AssociationFailed) else one_line_reason(exc)
+            outcomes = [StoreOutcome(None, why)] * len(items)
         now = utcnow()
         with self.sessions() as session, session.begin():
             for (delivery_id, _, sop_uid), outcome in zip(items, outcomes, strict=True):
                 row = session.get(Delivery, delivery_id)
-                if row is None:
+                if row is None or row.state not in _TRIED:
                     continue
                 row.ae_title, row.host, row.port = peer.ae_title, peer.host, peer.port  # the address last tried
                 row.attempts += 1
@@ -200,16 +205,13 @@ class Outbox:
                 row.leased_until = None
                 row.leased_by = None
                 if outcome.accepted:
-                    row.state = DeliveryState.DELIVERED
-                    row.delivered_at = now
-                    row.last_error = None
+                    set_delivery_state(row, DeliveryState.DELIVERED, None, now)
                     summary.delivered += 1
                     log.info("delivery %d: %s accepted by %s (0x%04X)", row.id, sop_uid, peer, outcome.status or 0)
                     session.add(AuditEvent(kind="delivery", actor=str(peer), subject=sop_uid, detail="delivered"))
                     continue
-                row.last_error = outcome.error
                 if self.backoff.gives_up(row.attempts):
-                    row.state = DeliveryState.FAILED
+                    set_delivery_state(row, DeliveryState.FAILED, outcome.error, now)
                     summary.failed += 1
                     log.error(
                         "delivery %d: %s to %s given up after %d attempts: %s",
@@ -225,7 +227,7 @@ class Outbox:
                         )
                     )
                 else:
-                    row.state = DeliveryState.PENDING
+                    set_delivery_state(row, DeliveryState.PENDING, outcome.error, now)
                     summary.retrying += 1
                     delay = self.backoff.delay_s(row.attempts)
                     row.next_attempt_at = now + timedelta(seconds=delay)
@@ -265,30 +267,6 @@ class Outbox:
         return ids
 
 
-class OutboxThread:
-    def __init__(self, outbox: Outbox, poll_s: float = 1.0) -> None:
-        self.outbox = outbox
-        self.poll_s = poll_s
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="outbox", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self, timeout_s: float = 30) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout_s)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.outbox.run_once()
-            except Exception:
-                log.exception("outbox: unexpected error; continuing")
-            self._wake.wait(self.poll_s)
-            self._wake.clear()
+def outbox_loop(outbox: Outbox, poll_s: float = 1.0) -> Loop:
+    """The outbox in the background: a pass over the due deliveries every ``poll_s``, sooner when woken."""
+    return Loop("outbox", outbox.run_once, poll_s, log=log)

@@ -126,7 +126,8 @@ class _Watch:
         self.connected = True
 
     def _received(self, event: evt.Event) -> None:
-        self.last = event.primitive
+        # pynetdicom sets Event.primitive for EVT_ACSE_RECV at run time but does not declare it.
+        self.last = event.primitive  # type: ignore[attr-defined]
 
     def ended(self, assoc: Association, waited_s: float, timeout_s: float) -> str:
         """Why an established association ended before an answer came."""
@@ -142,7 +143,7 @@ class _Watch:
 
 
 # A-ASSOCIATE-RJ (source, reason/diag.), PS3.8 9.3.4.
-_REJECT_REASONS = {
+_REJECT_REASONS: dict[tuple[int | None, int | None], str] = {  # keyed as pynetdicom types them
     (1, 1): "no reason given",
     (1, 2): "application context name not supported",
     (1, 3): "calling AE title not recognised",
@@ -153,7 +154,7 @@ _REJECT_REASONS = {
     (3, 2): "local limit exceeded",
 }
 # Presentation context results of an A-ASSOCIATE-AC, PS3.8 9.3.3.2.
-_CONTEXT_RESULTS = {
+_CONTEXT_RESULTS: dict[int | None, str] = {
     1: "refused by the peer",
     2: "refused, no reason given",
     3: "SOP class not supported",
@@ -197,7 +198,8 @@ def _refusal(assoc: Association, watch: _Watch, peer: PeerAddress, timeout_s: fl
         return f"rejected: {reason} ({'permanent' if answer.result == 1 else 'transient'})"
     if isinstance(answer, A_ASSOCIATE):
         reasons = {
-            f"{UID(cx.abstract_syntax).name}: {_CONTEXT_RESULTS.get(cx.result, f'result {cx.result}')}": None
+            f"{cx.abstract_syntax.name if cx.abstract_syntax else '?'}: "
+            f"{_CONTEXT_RESULTS.get(cx.result, f'result {cx.result}')}": None
             for cx in assoc.rejected_contexts
         }
         refused = "; ".join(list(reasons)[:3])
@@ -258,6 +260,7 @@ class _Instance:
 
 
 def _inspect(item: Dataset | Path | str) -> _Instance:
+    source: Dataset | Path
     if isinstance(item, Dataset):
         ds, source = item, item
     else:
@@ -285,13 +288,18 @@ def _contexts(instances: Sequence[_Instance]) -> list[PresentationContext]:
     that needs more than 128 contexts, the syntaxes of the fewest items are not proposed (those
     items go out in an uncompressed syntax); more SOP classes than that cannot be sent at all.
     """
-    classes = list(dict.fromkeys(i.sop_class for i in instances))
+    pairs: list[tuple[UID, UID]] = []
+    for i in instances:
+        if i.sop_class is None or i.transfer_syntax is None:
+            raise ValueError(f"no presentation context for an instance that cannot be sent: {i.error}")
+        pairs.append((i.sop_class, i.transfer_syntax))
+    classes = list(dict.fromkeys(c for c, _ in pairs))
     if len(classes) > MAX_CONTEXTS:
         raise TooManySopClasses(
             f"{len(classes)} SOP classes in one send, but one association has at most {MAX_CONTEXTS} "
             "presentation contexts: send the files in smaller groups"
         )
-    own = Counter((i.sop_class, i.transfer_syntax) for i in instances)
+    own = Counter(pairs)
     room = MAX_CONTEXTS - len(classes)
     if len(own) > room:
         log.warning(

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from node.config import Config, ConfigError, check_config_command, load_config
+from node.config import Config, ConfigError, delivery_warnings, display_database_url, load_config
 from node.operate.logs import setup_logging
 
 log = logging.getLogger("ainode")
@@ -42,7 +42,7 @@ def _sessions(config: Config):  # type: ignore[no-untyped-def]
 
     from db.engine import make_engine, make_session_factory
     from db.migrate import alembic_config, current_revision
-    from node.config import display_database_url, sqlite_path
+    from node.config import sqlite_path
 
     url = config.node.database_url
     shown = display_database_url(url)
@@ -70,7 +70,7 @@ def _sessions(config: Config):  # type: ignore[no-untyped-def]
 # -- commands --------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.app import NodeApp
-    from node.config import model_names, unknown_pipelines
+    from node.models import model_names, unknown_pipelines
     from node.receive.scp import ListenError, listen
 
     config = _load(args)
@@ -112,6 +112,28 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return code
 
 
+def check_config_command(path: Path | str) -> tuple[int, str]:
+    """``ainode config check FILE``: exit code (0 or 2) and the message to print."""
+    from node.models import model_names, unknown_pipelines
+
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        return 2, str(exc)
+    problems = unknown_pipelines(cfg, model_names(cfg))
+    if problems:
+        return 2, "\n".join(problems)
+    n = cfg.node
+    peers = ", ".join(f"{k}={p.ae_title}@{p.host}:{p.port}" for k, p in cfg.peers.items()) or "none"
+    routes = "; ".join(f"{r.name} -> {r.pipeline} -> {','.join(r.destinations)}" for r in cfg.routes) or "none"
+    warnings = "".join(f"\n  warning: {w}" for w in delivery_warnings(cfg))
+    return 0, (
+        f"config OK: {path}\n  AE title {n.ae_title}, listening on {n.host}:{n.port}, {n.workers} workers, "
+        f"role {n.role}\n  database {display_database_url(n.database_url)}\n  peers: {peers}\n"
+        f"  routes: {routes}{warnings}"
+    )
+
+
 def cmd_route_test(args: argparse.Namespace) -> int:
     from node.assemble.router import route_test_command
 
@@ -141,8 +163,8 @@ def _operator(command: str) -> str:
 
 
 def cmd_jobs_retry(args: argparse.Namespace) -> int:
-    from db.models import AuditEvent, Job
-    from db.queue import OPEN_JOB_STATES, requeue_job
+    from db.models import AuditEvent, Job, utcnow
+    from db.states import OPEN_JOB_STATES, requeue_job
 
     sessions = _sessions(_load(args))
     with sessions() as session, session.begin():
@@ -153,7 +175,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
         if job.state in OPEN_JOB_STATES:
             print(f"job {args.id} is {job.state.value}; nothing to retry", file=sys.stderr)
             return 1
-        previous = requeue_job(session, job, f"retried by operator (was {job.state.value})").value
+        previous = requeue_job(session, job, f"retried by operator (was {job.state.value})", utcnow()).value
         session.add(
             AuditEvent(kind="operator", actor=_operator("ainode jobs retry"), subject=str(job.id), detail=previous)
         )
@@ -163,17 +185,16 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 def cmd_studies_reprocess(args: argparse.Namespace) -> int:
     """Run a study again: its jobs of the current version, or one pipeline (results to the sender)."""
-    from sqlalchemy import func, select
+    from sqlalchemy import func, select, true
 
-    from db.models import AuditEvent, Instance, Job, JobState, Series, Study, StudyState
-    from db.queue import OPEN_JOB_STATES, requeue_job
-    from pipelines.runtime import ModelRegistry, bundled_models_dir
+    from db.models import AuditEvent, Instance, Job, JobState, Series, Study, StudyState, utcnow
+    from db.states import OPEN_JOB_STATES, queue_study_for, requeue_job, set_job_state
+    from node.models import model_names
 
     config = _load(args)
     route = None
     if args.pipeline is not None:
-        registry = ModelRegistry([bundled_models_dir(), *map(Path, config.node.models_dirs)])
-        found = sorted(m.name for m in registry.list())
+        found = sorted(model_names(config))
         if args.pipeline not in found:
             print(f"no pipeline named {args.pipeline!r} (models found: {', '.join(found) or 'none'})", file=sys.stderr)
             return 2
@@ -181,6 +202,7 @@ def cmd_studies_reprocess(args: argparse.Namespace) -> int:
     actor = _operator("ainode studies reprocess")
     uid = args.study_uid
     sessions = _sessions(config)
+    now = utcnow()
     with sessions() as session, session.begin():
         study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).first()
         if study is None:
@@ -196,18 +218,17 @@ def cmd_studies_reprocess(args: argparse.Namespace) -> int:
         jobs = session.scalars(
             select(Job)
             .where(Job.study_id == study.id, Job.study_version == study.version)
-            .where(Job.route == route if route is not None else True)
+            .where(Job.route == route if route is not None else true())
             .order_by(Job.id)
         ).all()
         lines = []
         if route is not None and not jobs:
             job = Job(study_id=study.id, study_version=study.version, route=route, pipeline=args.pipeline,
-                      destinations=["sender"], sender_ae=study.sender_ae, sender_host=study.sender_host,
-                      state=JobState.QUEUED, reason="reprocess requested by operator")  # fmt: skip
+                      destinations=["sender"], sender_ae=study.sender_ae, sender_host=study.sender_host)  # fmt: skip
+            set_job_state(job, JobState.QUEUED, "reprocess requested by operator", now)
             session.add(job)
             session.flush()
-            if study.state in (StudyState.PROCESSED, StudyState.UNROUTED):
-                study.state = StudyState.QUEUED
+            queue_study_for(study, job, now)
             detail = f"study {uid}: new {route}"
             session.add(AuditEvent(kind="operator", actor=actor, subject=str(job.id), detail=detail))
             lines.append(f"job {job.id} ({route}, results to the sender) queued")
@@ -218,7 +239,7 @@ def cmd_studies_reprocess(args: argparse.Namespace) -> int:
             if job.state in OPEN_JOB_STATES:
                 lines.append(f"job {job.id} ({job.route}) is {job.state.value} already")
                 continue
-            previous = requeue_job(session, job, f"reprocessed by operator (was {job.state.value})").value
+            previous = requeue_job(session, job, f"reprocessed by operator (was {job.state.value})", now).value
             detail = f"study {uid}: was {previous}"
             session.add(AuditEvent(kind="operator", actor=actor, subject=str(job.id), detail=detail))
             lines.append(f"job {job.id} ({job.route}) queued again (was {previous})")
@@ -330,16 +351,10 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
+    from node.models import registry_from_config
     from pipelines.modelcheck import models_list_rows
-    from pipelines.runtime import ModelRegistry, bundled_models_dir
 
-    config = _load(args)
-    rt = config.runtime
-    registry = ModelRegistry(
-        [bundled_models_dir(), *map(Path, config.node.models_dirs)],
-        providers=None if rt.providers == "auto" else list(rt.providers),
-    )
-    rows = models_list_rows(registry)
+    rows = models_list_rows(registry_from_config(_load(args)))
     print(f"{'NAME':<20} {'VERSION':<9} {'TASK':<15} {'MODALITIES':<12} PROVIDER")
     for r in rows:
         print(f"{r['name']:<20} {r['version']:<9} {r['task']:<15} {','.join(r['modalities']):<12} {r['provider']}")

@@ -11,13 +11,16 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import Row, bindparam, func, select, text, update
+from pydicom import Dataset
+from sqlalchemy import CursorResult, Row, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.engine import is_postgres
 from db.models import Instance, Series, Study, StudyState, UtcDateTime, utcnow
+from db.states import study_values
 from node.receive.spool import Spool
 
 log = logging.getLogger("ainode.ingest")
@@ -37,8 +40,32 @@ class ReceivedInstance:
     modality: str | None
     patient_id: str | None
     accession_number: str | None
-    relpath: str
-    size_bytes: int
+
+    @classmethod
+    def from_header(
+        cls, ds: Dataset, *, sop_class_uid: str | None = None, transfer_syntax_uid: str | None = None
+    ) -> ReceivedInstance:
+        """Read from ``ds``'s header; a missing UID raises ``AttributeError`` naming it.
+
+        ``sop_class_uid`` and ``transfer_syntax_uid``: as negotiated (a C-STORE request's Affected
+        SOP Class and the presentation context's transfer syntax); by default the file's own.
+        """
+        study_uid, series_uid, sop_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+        modality, patient_id, accession = ds.get("Modality"), ds.get("PatientID"), ds.get("AccessionNumber")
+        if sop_class_uid is None:
+            sop_class_uid = str(ds.SOPClassUID)
+        if transfer_syntax_uid is None:
+            transfer_syntax_uid = str(ds.file_meta.TransferSyntaxUID)
+        return cls(
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            modality=str(modality) if modality else None,
+            patient_id=str(patient_id) if patient_id else None,
+            accession_number=str(accession) if accession else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -76,7 +103,7 @@ _ALREADY = {
 
 
 def _dialect_insert(session: Session):  # type: ignore[no-untyped-def]
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    return postgresql.insert if is_postgres(session.get_bind()) else sqlite.insert
 
 
 class InstanceIndex:
@@ -101,7 +128,7 @@ class InstanceIndex:
     ) -> Row:
         # Lock the study row (PostgreSQL) so that concurrent associations of the same study
         # serialise their version decisions; SQLite's BEGIN IMMEDIATE already does.
-        query = _SELECT_STUDY_FOR_UPDATE if session.get_bind().dialect.name == "postgresql" else _SELECT_STUDY
+        query = _SELECT_STUDY_FOR_UPDATE if is_postgres(session.get_bind()) else _SELECT_STUDY
         row = session.execute(query, {"uid": inst.study_instance_uid}).first()
         if row is None:
             insert = _dialect_insert(session)
@@ -111,14 +138,13 @@ class InstanceIndex:
                     study_instance_uid=inst.study_instance_uid,
                     patient_id=inst.patient_id,
                     accession_number=inst.accession_number,
-                    state=StudyState.RECEIVING.value,
                     version=1,
                     sender_ae=calling_ae,
                     sender_host=calling_host,
                     first_received_at=now,
                     last_received_at=now,
-                    complete_requested=False,
                     instance_count=0,
+                    **study_values(inst.study_instance_uid, None, StudyState.RECEIVING),
                 )
                 .on_conflict_do_nothing(index_elements=["study_instance_uid"])
             )
@@ -162,19 +188,18 @@ class InstanceIndex:
             plural = "s" if count != 1 else ""
             log.info("study %s %s; %d duplicate instance%s ignored", study_uid, was, count, plural)
 
-    def forget_series(self) -> None:
-        with self._lock:
-            self._series_ids.clear()
-
     def record(
         self,
         inst: ReceivedInstance,
         *,
+        relpath: str,
+        size_bytes: int,
         calling_ae: str | None,
         calling_host: str | None,
         association_id: int | None,
         now: datetime | None = None,
     ) -> IndexOutcome:
+        """Index ``inst``, kept in the spool at ``relpath`` (``size_bytes`` long), in one committed transaction."""
         now = now or utcnow()
         new_version = ignored = False
         with self.sessions() as session, session.begin():
@@ -184,19 +209,22 @@ class InstanceIndex:
             if not receiving and self.late_instances == "new-version":
                 version += 1
             series_id = self._series_id(session, inst, study.id)
-            inserted = session.execute(
-                _INSERT_INSTANCE,
-                {
-                    "series_id": series_id,
-                    "sop_instance_uid": inst.sop_instance_uid,
-                    "sop_class_uid": inst.sop_class_uid,
-                    "transfer_syntax_uid": inst.transfer_syntax_uid,
-                    "path": inst.relpath,
-                    "size_bytes": inst.size_bytes,
-                    "study_version": version,
-                    "received_at": now,
-                    "association_id": association_id,
-                },
+            inserted = cast(
+                CursorResult[Any],
+                session.execute(
+                    _INSERT_INSTANCE,
+                    {
+                        "series_id": series_id,
+                        "sop_instance_uid": inst.sop_instance_uid,
+                        "sop_class_uid": inst.sop_class_uid,
+                        "transfer_syntax_uid": inst.transfer_syntax_uid,
+                        "path": relpath,
+                        "size_bytes": size_bytes,
+                        "study_version": version,
+                        "received_at": now,
+                        "association_id": association_id,
+                    },
+                ),
             ).rowcount
             if not inserted:
                 # Same SOP Instance UID again: idempotent. The file was rewritten in place;
@@ -204,7 +232,7 @@ class InstanceIndex:
                 session.execute(
                     update(Instance)
                     .where(Instance.sop_instance_uid == inst.sop_instance_uid)
-                    .values(size_bytes=inst.size_bytes, received_at=now, association_id=association_id)
+                    .values(size_bytes=size_bytes, received_at=now, association_id=association_id)
                 )
                 if not receiving:
                     self._count_duplicate(association_id, inst.study_instance_uid, str(study.state))
@@ -217,9 +245,8 @@ class InstanceIndex:
             if self.late_instances == "new-version":
                 new_version = True
                 values.update(
-                    state=StudyState.RECEIVING.value,
+                    study_values(inst.study_instance_uid, study.state, StudyState.RECEIVING),
                     version=version,
-                    complete_requested=False,
                     sender_ae=calling_ae,
                     sender_host=calling_host,
                 )
@@ -231,11 +258,6 @@ class InstanceIndex:
         elif ignored:
             log.info("study %s: late instance kept, not processed (late_instances: ignore)", inst.study_instance_uid)
         return IndexOutcome(study.id, version, False, new_version, ignored)
-
-
-def count_instances(sessions: sessionmaker[Session]) -> int:
-    with sessions() as session:
-        return int(session.execute(select(func.count(Instance.id))).scalar_one())
 
 
 def reconcile_spool(spool: Spool, index: InstanceIndex) -> int:
@@ -252,20 +274,10 @@ def reconcile_spool(spool: Spool, index: InstanceIndex) -> int:
         if relpath in known:
             continue
         try:
-            ds = spool.read(relpath, headers_only=True)
             index.record(
-                ReceivedInstance(
-                    study_instance_uid=str(ds.StudyInstanceUID),
-                    series_instance_uid=str(ds.SeriesInstanceUID),
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    sop_class_uid=str(ds.SOPClassUID),
-                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                    modality=ds.get("Modality"),
-                    patient_id=ds.get("PatientID"),
-                    accession_number=ds.get("AccessionNumber"),
-                    relpath=relpath,
-                    size_bytes=spool.abspath(relpath).stat().st_size,
-                ),
+                ReceivedInstance.from_header(spool.read(relpath, headers_only=True)),
+                relpath=relpath,
+                size_bytes=spool.abspath(relpath).stat().st_size,
                 calling_ae=None,
                 calling_host=None,
                 association_id=None,

@@ -12,11 +12,12 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -123,7 +124,7 @@ class _NodeAE(AE):
 
     caller_policy: CallerPolicy | None = None
 
-    @property  # type: ignore[override]
+    @property
     def require_calling_aet(self) -> list[str]:
         policy = self.caller_policy
         if policy is None or not policy.entries:
@@ -131,6 +132,11 @@ class _NodeAE(AE):
         assoc = threading.current_thread()
         host = assoc.requestor.address if isinstance(assoc, Association) else None
         return policy.allowed_titles(host) or [_NOBODY]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        # Read-only, as before: the allow-list is derived from caller_policy, per association.
+        raise AttributeError("require_calling_aet is derived from caller_policy: set caller_policy instead")
 
 
 class StorageSCP:
@@ -178,6 +184,7 @@ class StorageSCP:
         ae.require_called_aet = True
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None  # pynetdicom's storage contexts each name their SOP class
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self.ae = ae
         self._server: Any = None
@@ -192,7 +199,7 @@ class StorageSCP:
             ``host:port`` cannot be bound (only when no ``listener`` is given).
         """
         listener = listener if listener is not None else listen(host, port)
-        handlers = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_c_echo),
@@ -329,21 +336,20 @@ class StorageSCP:
         return status
 
     def _store(self, event: evt.Event, state: _AssocState | None) -> int | Dataset:
-        request = event.request
+        request = cast(C_STORE, event.request)  # bound to EVT_C_STORE only
         try:
-            ds = event.dataset
-            study_uid = str(ds.StudyInstanceUID)
-            series_uid = str(ds.SeriesInstanceUID)
-            sop_uid = str(ds.SOPInstanceUID)
-            modality = ds.get("Modality")
-            patient_id = ds.get("PatientID")
-            accession = ds.get("AccessionNumber")
+            inst = ReceivedInstance.from_header(
+                event.dataset,
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+            )
         except AttributeError as exc:
             log.warning("C-STORE %s refused: %s", request.AffectedSOPInstanceUID, exc)
             return _failure(DATASET_MISMATCH, f"missing attribute: {exc}")
         except Exception as exc:  # pydicom raises many types for broken encodings
             log.warning("C-STORE %s refused, dataset unreadable: %s", request.AffectedSOPInstanceUID, exc)
             return _failure(CANNOT_UNDERSTAND, f"dataset unreadable: {type(exc).__name__}")
+        study_uid, series_uid, sop_uid = inst.study_instance_uid, inst.series_instance_uid, inst.sop_instance_uid
         if sop_uid != request.AffectedSOPInstanceUID:
             return _failure(DATASET_MISMATCH, "SOPInstanceUID differs from Affected SOP Instance UID")
         bad = [n for n, v in (("Study", study_uid), ("Series", series_uid), ("SOP", sop_uid)) if not valid_uid(v)]
@@ -351,6 +357,9 @@ class StorageSCP:
             return _failure(DATASET_MISMATCH, f"invalid {'/'.join(bad)} Instance UID")
 
         relpath = Spool.instance_relpath(study_uid, series_uid, sop_uid)
+        # event.dataset above was decoded from it: None only with pynetdicom's STORE_RECV_CHUNKED_DATASET,
+        # which the node does not enable.
+        assert request.DataSet is not None
         try:
             size = self.spool.write_encoded(relpath, event.file_meta, request.DataSet.getbuffer())
         except SpoolError as exc:
@@ -358,18 +367,9 @@ class StorageSCP:
             return _failure(OUT_OF_RESOURCES, f"spool: {exc.strerror or exc}")
         try:
             outcome = self.index.record(
-                ReceivedInstance(
-                    study_instance_uid=study_uid,
-                    series_instance_uid=series_uid,
-                    sop_instance_uid=sop_uid,
-                    sop_class_uid=str(request.AffectedSOPClassUID),
-                    transfer_syntax_uid=str(event.context.transfer_syntax),
-                    modality=str(modality) if modality else None,
-                    patient_id=str(patient_id) if patient_id else None,
-                    accession_number=str(accession) if accession else None,
-                    relpath=relpath,
-                    size_bytes=size,
-                ),
+                inst,
+                relpath=relpath,
+                size_bytes=size,
                 calling_ae=state.calling_ae if state else None,
                 calling_host=state.host if state else None,
                 association_id=state.row_id if state else None,

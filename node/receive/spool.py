@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
 
 # DICOM UIDs are digits and dots only (PS3.5 9.1); anything else would let a sender
@@ -39,7 +41,9 @@ class Spool:
     Parameters
     ----------
     root
-        Folder of the spool; shared by every node process in a scaled-out deployment.
+        Folder of the spool; shared by every node process in a scaled-out deployment. Each
+        process remembers the folders it made (one ``mkdir`` per series, not per instance); when
+        another process's retention has removed one, the next write makes it again.
     fsync
         Flush file and folder to the disk before a write returns. Only tests of the
         network stack's raw speed may turn this off.
@@ -67,7 +71,7 @@ class Spool:
         return self.root / relpath
 
     # -- writing ---------------------------------------------------------------------------
-    def write_encoded(self, relpath: str, file_meta: Dataset, encoded_dataset: bytes | memoryview) -> int:
+    def write_encoded(self, relpath: str, file_meta: FileMetaDataset, encoded_dataset: bytes | memoryview) -> int:
         """Write a DICOM file from its File Meta Information and the dataset as received.
 
         The dataset bytes are kept exactly as the sender encoded them (no re-encoding, no
@@ -77,7 +81,7 @@ class Spool:
 
         def body(fh: BinaryIO) -> None:
             fh.write(b"\x00" * 128 + b"DICM")
-            write_file_meta_info(fh, file_meta, enforce_standard=True)
+            write_file_meta_info(DicomFileLike(fh), file_meta, enforce_standard=True)
             fh.write(encoded_dataset)
 
         return self._write_atomically(relpath, body)
@@ -86,18 +90,23 @@ class Spool:
         """Write a complete dataset (with ``file_meta``) such as a result object."""
         return self._write_atomically(relpath, lambda fh: ds.save_as(fh, enforce_file_format=True))
 
-    def _write_atomically(self, relpath: str, body: object) -> int:
+    def _write_atomically(self, relpath: str, body: Callable[[BinaryIO], None]) -> int:
         final = self.root / relpath
         directory = final.parent
         tmp = final.with_name(f"{final.name}.{os.getpid()}.{id(body):x}{TMP_SUFFIX}")
         try:
             if directory not in self._known_dirs:
-                directory.mkdir(parents=True, exist_ok=True)
-                if self.fsync:
-                    self._fsync_dir(directory.parent)
-                self._known_dirs.add(directory)
-            with open(tmp, "wb") as fh:
-                body(fh)  # type: ignore[operator]
+                self._make_dir(directory)
+            try:
+                opened = open(tmp, "wb")
+            except FileNotFoundError:
+                # Another process sharing this spool removed the folder since this one made it (its
+                # retention deleted the study): make it again, once; a second failure is real.
+                self._known_dirs.discard(directory)
+                self._make_dir(directory)
+                opened = open(tmp, "wb")
+            with opened as fh:
+                body(fh)
                 fh.flush()
                 if self.fsync:
                     os.fsync(fh.fileno())
@@ -109,6 +118,13 @@ class Spool:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise SpoolError(exc.errno, f"cannot write {relpath}: {exc.strerror or exc}") from exc
+
+    def _make_dir(self, directory: Path) -> None:
+        """Create ``directory`` (and missing parents) and remember it: later writes skip the check."""
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            self._fsync_dir(directory.parent)
+        self._known_dirs.add(directory)
 
     @staticmethod
     def _fsync_dir(directory: Path) -> None:

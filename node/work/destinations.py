@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from node.config import Config
+from node.config import Config, Peer
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ PeerResolver = Callable[[str, str | None, str | None], Destination]
 
 def make_resolver(config: Config) -> Callable[[str, str | None, str | None], Destination]:
     def resolve(name: str, sender_ae: str | None, sender_host: str | None) -> Destination:
+        peer: Peer | None
         if name == "sender":
             found = config.peer_for_caller(sender_ae or "", sender_host) if sender_ae else None
             if found is None:

@@ -1,7 +1,7 @@
 """Claim a job, run its pipeline on the study, put the result objects in the outbox.
 
 The worker is the only place where the node's shell meets the pure pipelines: it reads
-files from the spool, hands datasets to a :class:`StudyRunner`, and writes what comes back
+files from the spool, hands them to a :class:`~pipelines.study.StudyRunner`, and writes what comes back
 (already complete DICOM objects with their UIDs fixed) to the spool and the database in
 one transaction, together with one delivery row per destination.
 """
@@ -9,15 +9,12 @@ one transaction, together with one delivery row per destination.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
 
 from pydicom import Dataset
 from sqlalchemy import select
@@ -33,47 +30,17 @@ from db.models import (
     Result,
     Series,
     Study,
-    StudyState,
     utcnow,
 )
-from db.queue import claim_next_job, heartbeat, make_delivery_due
+from db.queue import claim_next_job, heartbeat
+from db.states import finish_job, make_delivery_due, set_delivery_state
+from node.loops import Loop
 from node.reasons import one_line_reason
 from node.receive.spool import Spool
 from node.work.destinations import Destination, DestinationError, PeerResolver
+from pipelines.study import ResultKind, RunOutcome, StudyRunner, result_kind
 
 log = logging.getLogger("ainode.worker")
-
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
-PARAMETRIC_MAP_CLASS = "1.2.840.10008.5.1.4.1.1.30"
-
-
-def result_kind(ds: Dataset) -> str:
-    """The config's name for a result object: seg, sr, or sc (any image for plain viewers)."""
-    sop_class = str(ds.SOPClassUID)
-    if sop_class == SEG_CLASS:
-        return "seg"
-    if sop_class.startswith(SR_PREFIX):
-        return "sr"
-    return "sc"
-
-
-@dataclass
-class RunOutcome:
-    """What a pipeline run produced for one job."""
-
-    datasets: list[Dataset] = field(default_factory=list)
-    #: Set when the study was not analysed (unsuitable input): the job ends "not-applicable".
-    not_analysed: str | None = None
-    model_s: float | None = None
-    #: Which series the pipeline took and why each other was skipped (UIDs, series numbers and descriptions).
-    selection: str | None = None
-
-
-class StudyRunner(Protocol):
-    def run(self, pipeline: str, series_files: Mapping[str, Sequence[Path]], outputs: set[str]) -> RunOutcome: ...
-
-
 
 
 class Worker:
@@ -128,7 +95,8 @@ class Worker:
         study_uid, files = self._study_files(job.study_id)
         try:
             destinations, unresolved = self._destinations(job)
-            outputs = set().union(*(d.outputs for d in destinations)) if destinations else {"seg", "sr"}
+            no_destination = {ResultKind.SEG, ResultKind.SR}
+            outputs = set().union(*(d.outputs for d in destinations)) if destinations else no_destination
             outcome = self.runner.run(job.pipeline, files, outputs)
         except Exception as exc:  # a pipeline exception fails this job only (invariant 6)
             reason = one_line_reason(exc)
@@ -178,7 +146,7 @@ class Worker:
     ) -> None:
         # Files first (fsynced), rows second: a crash in between leaves orphan files that no
         # row points to, never a row that points to nothing.
-        stored: list[tuple[Dataset, str, str]] = []
+        stored: list[tuple[Dataset, str, ResultKind]] = []
         for ds in outcome.datasets:
             relpath = Spool.result_relpath(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
             self.spool.write_dataset(relpath, ds)
@@ -188,7 +156,17 @@ class Worker:
             row = session.get(Job, job.id, with_for_update=True)
             if row is None or row.state != JobState.RUNNING or row.claimed_by != self.worker_id:
                 # Another worker took the job over (our lease expired): its results win.
-                log.warning("job %d was taken over by %s; dropping our results", job.id, row and row.claimed_by)
+                taken_by = row.claimed_by if row is not None else None
+                log.warning("job %d was taken over by %s; dropping our results", job.id, taken_by)
+                # Recorded where an operator looks (the audit), not only in this process's log.
+                session.add(
+                    AuditEvent(
+                        kind="job",
+                        actor=self.worker_id,
+                        subject=str(job.id),
+                        detail=f"results dropped: the job was taken over by {taken_by or 'another worker'}",
+                    )
+                )
                 return
             remade = 0
             for ds, relpath, kind in stored:
@@ -203,8 +181,7 @@ class Worker:
                     delivery = self._due_delivery(session, result, deliveries, name, now)
                     delivery.ae_title, delivery.host = (job.sender_ae or "")[:16], job.sender_host or ""
                     delivery.port = 0
-                    delivery.state = DeliveryState.WAITING
-                    delivery.last_error = f"waiting for a peer: {why}"
+                    set_delivery_state(delivery, DeliveryState.WAITING, f"waiting for a peer: {why}", now)
             if remade:
                 log.info("job %d: %d result objects made again with the same UIDs; sending them again", job.id, remade)
             reason = "; ".join(f"destination {n} waits for a peer: {w}" for n, w in unresolved) or None
@@ -223,7 +200,7 @@ class Worker:
 
     @staticmethod
     def _result_row(
-        session: Session, job_id: int, ds: Dataset, relpath: str, kind: str
+        session: Session, job_id: int, ds: Dataset, relpath: str, kind: ResultKind
     ) -> tuple[Result, dict[str, Delivery]]:
         """The Result row of ``ds`` and its deliveries by destination.
 
@@ -237,7 +214,7 @@ class Worker:
             result = Result(sop_instance_uid=uid)
             session.add(result)
         result.job_id = job_id
-        result.kind = kind
+        result.kind = kind.value  # the database keeps the kind's value: seg, sr, sc
         result.sop_class_uid = str(ds.SOPClassUID)
         result.series_instance_uid = str(ds.SeriesInstanceUID)
         result.path = relpath
@@ -267,73 +244,42 @@ class Worker:
     def _set_finished(
         session: Session, row: Job, state: JobState, reason: str | None, total_s: float, model_s: float | None
     ) -> None:
-        row.state = state
-        row.reason = reason
-        row.finished_at = utcnow()
+        finish_job(session, row, state, reason, utcnow())
         row.total_s = total_s
         row.model_s = model_s
         session.add(
             AuditEvent(kind="job", actor=row.claimed_by, subject=str(row.id), detail=f"{state.value}: {reason or ''}")
         )
-        # The study is processed once every job of its current version has ended.
-        study = session.get(Study, row.study_id, with_for_update=True)
-        if study is not None and study.state == StudyState.QUEUED and study.version == row.study_version:
-            open_jobs = session.execute(
-                select(Job.id).where(
-                    Job.study_id == study.id,
-                    Job.study_version == study.version,
-                    Job.id != row.id,
-                    Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
-                )
-            ).first()
-            if open_jobs is None:
-                study.state = StudyState.PROCESSED
 
 
 class WorkerPool:
-    """N worker threads in this process plus one heartbeat thread for their running jobs."""
+    """N worker loops in this process plus one heartbeat loop for their running jobs."""
 
     def __init__(self, workers: list[Worker], sessions: sessionmaker[Session], heartbeat_s: float = 10.0) -> None:
         self.workers = workers
         self.sessions = sessions
         self.heartbeat_s = heartbeat_s
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._threads: list[threading.Thread] = []
+        # A worker that ran a job looks for the next one at once; an idle one looks every second.
+        self._worker_loops = [
+            Loop(f"worker-{w.worker_id}", w.run_once, 1.0, again_while_busy=True, log=log) for w in workers
+        ]
+        self._loops = [*self._worker_loops, Loop("job-heartbeat", self._heartbeat, heartbeat_s, log=log)]
 
     def wake(self) -> None:
-        self._wake.set()
+        """New jobs are queued: idle workers look now."""
+        for loop in self._worker_loops:
+            loop.wake()
 
     def start(self) -> None:
-        for worker in self.workers:
-            t = threading.Thread(target=self._loop, args=(worker,), name=f"worker-{worker.worker_id}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        hb = threading.Thread(target=self._heartbeat_loop, name="job-heartbeat", daemon=True)
-        hb.start()
-        self._threads.append(hb)
+        for loop in self._loops:
+            loop.start()
 
     def stop(self, timeout_s: float = 30) -> None:
-        self._stop.set()
-        self._wake.set()
-        for t in self._threads:
-            t.join(timeout_s)
+        # Every loop is told first, so that no worker claims a new job while another one finishes.
+        for loop in self._loops:
+            loop.request_stop()
+        for loop in self._loops:
+            loop.join(timeout_s)
 
-    def _loop(self, worker: Worker) -> None:
-        while not self._stop.is_set():
-            try:
-                busy = worker.run_once()
-            except Exception:
-                log.exception("worker %s: unexpected error; continuing", worker.worker_id)
-                busy = False
-            if not busy:
-                self._wake.wait(1.0)
-                self._wake.clear()
-
-    def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            ids = [w.current_job for w in self.workers if w.current_job is not None]
-            try:
-                heartbeat(self.sessions, ids)
-            except Exception:
-                log.exception("job heartbeat failed")
+    def _heartbeat(self) -> None:
+        heartbeat(self.sessions, [w.current_job for w in self.workers if w.current_job is not None])
