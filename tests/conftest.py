@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import OrthancServer, PostgresServer
-from tests.peers import ct_dir as _ct_dir
+from tests.support.data import ct_dir as _ct_dir
+from tests.support.peers import OrthancServer, PostgresServer
 
 # Real scanners write single-component person names; highdicom warns about each of them.
 warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the tests need on a fresh Debian machine, then run the whole suite.
-#   bash tests/run.sh [pytest args...]
+#   bash tests/run.sh                 gates (ruff, mypy, import contracts), the unit lane, then the whole suite
+#   bash tests/run.sh [pytest args]   install, then only pytest with these arguments
 #
 # The suite starts its own Orthanc, PostgreSQL and DCMTK peers on free loopback ports in temp dirs.
 # It never stops, restarts or reconfigures a service it did not start: an administrator's real
@@ -40,10 +41,27 @@ fi
 echo "== Python packages: the project with its [test] and [train] extras"
 python3 -m pip install -q -e '.[test,train]'
 
-if [ -f tests/viewer/install.sh ]; then
+if [ -f tests/support/viewer/install.sh ]; then
   echo "== OHIF viewer (npm) for the radiologist's-view tests"
-  bash tests/viewer/install.sh
+  bash tests/support/viewer/install.sh
 fi
 
-echo "== pytest"
-exec python3 -m pytest tests -q -p no:cacheprovider --timeout 900 "$@"
+if [ $# -gt 0 ]; then
+  # Arguments given: run just what they ask for (e.g. one file, or --collect-only).
+  echo "== pytest $*"
+  exec python3 -m pytest tests -q -p no:cacheprovider --timeout 900 "$@"
+fi
+
+# Gates first: each takes seconds and says exactly what is wrong, before the slow lane starts peers.
+echo "== gates: ruff check, ruff format --check, mypy, import contracts (lint-imports)"
+python3 -m ruff check .
+python3 -m ruff format --check .
+python3 -m mypy
+lint-imports
+
+echo "== unit lane: no peers, injected clock (with coverage of node/, db/, pipelines/)"
+python3 -m pytest tests/unit -q -p no:cacheprovider --timeout 300 \
+  --cov=node --cov=db --cov=pipelines --cov-report=term:skip-covered
+
+echo "== the whole suite with real peers"
+exec python3 -m pytest tests -q -p no:cacheprovider --timeout 900 --ignore=tests/unit

@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pydicom
 import pytest
-import yaml
 from pydicom.data import get_testdata_file
 
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
 from db.models import Job, JobState, Study, StudyState
-from tests.peers import REPO, free_port
-
-
-def ainode(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
-    return subprocess.run(
-        [sys.executable, "-m", "node.operate.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-        timeout=120,
-    )
-
-
-def write_config(tmp_path: Path, data: dict) -> Path:
-    path = tmp_path / "ainode.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+from tests.support import REPO
+from tests.support.cli import ainode, write_config
+from tests.support.peers import free_port
 
 
 def test_config_check_accepts_the_example_config():

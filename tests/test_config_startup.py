@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.peers import REPO, free_port, storescu
+from tests.support import REPO
+from tests.support.cli import status
 from tests.support.nodeproc import NodeProcess
-from tests.test_node_flow import status, wait_for
+from tests.support.peers import free_port, storescu
+from tests.support.waiting import wait_for
 
 MODELS = "breast-density, chest-xray, lung-seg"
 
@@ -205,8 +207,13 @@ def test_a_real_session_logs_no_library_chatter_at_info(tmp_path, orthanc, ct_di
         "node": node_section(tmp_path),
         "peers": {"pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}},
         "routes": [
-            {"name": "ct-lungs", "match": {"Modality": "CT"}, "pipeline": "lung-seg", "destinations": ["pacs"],
-             "stable_after_s": 1}
+            {
+                "name": "ct-lungs",
+                "match": {"Modality": "CT"},
+                "pipeline": "lung-seg",
+                "destinations": ["pacs"],
+                "stable_after_s": 1,
+            }
         ],  # fmt: skip
     }
     with NodeProcess(config, tmp_path / "n", cli=True) as node:

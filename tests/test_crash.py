@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pydicom
@@ -14,8 +13,11 @@ from sqlalchemy import select
 
 from db.engine import make_engine, make_session_factory
 from db.models import Instance
-from tests.support.nodeproc import NodeProcess
-from tests.test_node_flow import CT_STUDY_UID, node_config, results_in_orthanc, status, wait_for
+from tests.support.cli import status
+from tests.support.data import CT_STUDY_UID
+from tests.support.nodeproc import NodeProcess, node_config
+from tests.support.peers import results_in_orthanc, storescu
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
@@ -50,6 +52,17 @@ def send_until_killed(port: int, files: list[Path], node: NodeProcess, kill_afte
     return acknowledged
 
 
+def settled(st: dict) -> dict | None:
+    """``st`` when no study waits for a job, no job is queued or running and every delivery has ended."""
+    if any(s["state"] in ("receiving", "queued") for s in st["studies"]):
+        return None
+    if not st["jobs"] or any(j["state"] in ("queued", "running") for j in st["jobs"]):
+        return None
+    if not st["deliveries"] or any(d["state"] not in ("delivered", "failed") for d in st["deliveries"]):
+        return None
+    return st
+
+
 def test_kill_during_ingest_and_during_job_loses_nothing_and_delivers_once(tmp_path, orthanc, ct_dir):
     orthanc.clear()
     files = sorted(ct_dir.rglob("*.dcm"))
@@ -73,8 +86,6 @@ def test_kill_during_ingest_and_during_job_loses_nothing_and_delivers_once(tmp_p
             assert pydicom.dcmread(Path(config["node"]["spool_dir"]) / kept[uid]).SOPInstanceUID == uid
 
         # 2. The scanner sends the whole study again (as it would after an error): idempotent.
-        from tests.peers import storescu
-
         assert storescu(ct_dir, node.port, called_ae="AINODE", calling_ae="CTSCANNER").returncode == 0
 
         # 3. kill -9 while the job runs (the test pipeline sleeps 4 s inside the job).
@@ -87,9 +98,10 @@ def test_kill_during_ingest_and_during_job_loses_nothing_and_delivers_once(tmp_p
     node.start()
     try:
         wait_for(lambda: results_in_orthanc(orthanc, CT_STUDY_UID), node=node, what="results after restart")
-        time.sleep(3)  # give a duplicate, if there were one, the time to arrive
+        # A duplicate could only come from another run of the job or another delivery: wait until the
+        # node has nothing left to do (no job open, no delivery pending), then count what Orthanc holds.
+        st = wait_for(lambda: settled(status(node)), node=node, what="no open job and no pending delivery")
         assert len(results_in_orthanc(orthanc, CT_STUDY_UID)) == 1
-        st = status(node)
         (job,) = st["jobs"]
         assert job["state"] == "done" and job["attempts"] == 2
         assert [d["state"] for d in st["deliveries"]] == ["delivered"]

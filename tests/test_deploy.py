@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import REPO
+from tests.support import REPO
 
 DEPLOY = REPO / "deploy"
 

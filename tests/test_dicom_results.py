@@ -1,6 +1,6 @@
 """Result objects (SEG, TID 1500 SR, SC) judged by dciodvfy and read back with highdicom.
 
-The results are built by hand (tests/dicom_fixtures.py) so these tests exercise the writers alone;
+The results are built by hand (tests/support/dicom.py) so these tests exercise the writers alone;
 the end-to-end tests run the real models. The CT tests use the real TCIA chest CT (Lung-PET-CT-Dx,
 subject A0002, CC BY 4.0) and skip where it is absent; the CR and MG tests use synthetic images.
 """
@@ -16,9 +16,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from pipelines.dicom import Equipment, OutputKind, write_results
-from pipelines.dicom.air import PROCESSING_ALGORITHM, is_own_result
-from tests.dicom_fixtures import (
+from pipelines.dicom import Equipment, write_results
+from pipelines.dicom.air import PROCESSING_ALGORITHM
+from pipelines.dicom.air import produced_by as is_own_result  # loop prevention: why, or None
+from pipelines.enums import ResultKind as OutputKind  # seg/sr/sc: one enum since issue 14
+from tests.support.dicom import (
     chest_xray_source,
     classification_result,
     density_result,
@@ -27,7 +29,7 @@ from tests.dicom_fixtures import (
     mammogram_source,
     volume_from_slices,
 )
-from tests.peers import dciodvfy_errors
+from tests.support.peers import dciodvfy_errors
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import REPO, OrthancServer, PostgresServer
+from tests.support import REPO
+from tests.support.peers import OrthancServer, PostgresServer
 
 FIRST_PARTY = {"node", "pipelines", "db", "onnx_models", "tests"}
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
@@ -26,9 +27,13 @@ POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
 def _clean_copy(dest: Path) -> Path:
     """The repository as a fresh clone has it: tracked and new files, nothing ignored (no caches)."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = REPO / rel
         if src.is_file():

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -16,24 +15,40 @@ from db.engine import make_engine, make_session_factory
 from db.migrate import current_revision, upgrade
 from db.models import Job, JobState, Study, utcnow
 from db.queue import claim_next_job, process_identity, reclaim_stale_jobs
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 CLAIMER = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     from db.engine import make_engine, make_session_factory
     from db.queue import claim_next_job
     from db.models import Job, JobState
-    url, out, name = sys.argv[1:4]
+    url, out, other_out, name = sys.argv[1:5]
     sessions = make_session_factory(make_engine(url))
+
+    def other_has_claimed():
+        try:
+            return os.path.getsize(other_out) > 0
+        except FileNotFoundError:
+            return False
+
     with open(out, "w") as fh:
+        held_first = False
         while True:
             job = claim_next_job(sessions, name)
             if job is None:
                 break
             fh.write(f"{job.id}\\n")
             fh.flush()
+            if not held_first:
+                # Keep the first job running until the other process has claimed one too: both then
+                # hold a running job at the same moment, so their claims competed for the same queue.
+                deadline = time.monotonic() + 120
+                while not other_has_claimed():
+                    if time.monotonic() > deadline:
+                        sys.exit(f"{name}: the other process claimed no job within 120 s")
+                    time.sleep(0.01)
+                held_first = True
             time.sleep(0.002)  # "work", so that both processes are busy at once
             with sessions() as s, s.begin():
                 s.get(Job, job.id).state = JobState.DONE
@@ -77,16 +92,26 @@ def test_two_worker_processes_never_run_the_same_job(database_url, tmp_path):
     outs = [tmp_path / "a.txt", tmp_path / "b.txt"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
-        subprocess.Popen([sys.executable, "-c", CLAIMER, database_url, str(out), f"host:{i}:w"], env=env, cwd=REPO)
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIMER, database_url, str(out), str(outs[1 - i]), f"host:{i}:w"],
+            env=env,
+            cwd=REPO,
+        )
         for i, out in enumerate(outs)
     ]
+    # Each process holds its first job until the other has claimed one (bounded inside), then drains the queue.
     for p in procs:
         assert p.wait(240) == 0
     claimed = [[int(x) for x in out.read_text().split()] for out in outs]
     assert not set(claimed[0]) & set(claimed[1]), "a job was claimed by both processes"
     assert sorted(claimed[0] + claimed[1]) == sorted(ids), "every job was claimed exactly once"
-    # Both processes really competed (otherwise the test proves nothing about concurrency).
-    assert min(len(c) for c in claimed) > 20
+    # Both processes really competed (otherwise the test proves nothing about concurrency): each took
+    # part, and the first to claim held its job running until the other had claimed one.
+    assert all(claimed), [len(c) for c in claimed]
+    sessions = make_session_factory(make_engine(database_url))
+    with sessions() as session:
+        states = dict(session.execute(select(Job.id, Job.state)).all())
+    assert states == dict.fromkeys(ids, JobState.DONE), "the queue was drained, every job done once"
 
 
 def test_job_left_running_by_a_dead_process_is_reclaimed(database_url):

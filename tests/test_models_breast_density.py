@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from onnx_models.training.mammo_phantom import CATEGORIES, make_mammo_phantom
-from pipelines.results import DensityResult, NotAnalysed, NotAnalysedReason
-from pipelines.run import run_pipeline
+from pipelines.notanalysed import NotAnalysed, NotAnalysedReason
+from pipelines.results import DensityResult
 from pipelines.runtime import ModelRegistry, bundled_models_dir
+from pipelines.study import run_pipeline
 from pipelines.volume import SourceFrame, Volume
 
 CARD = json.loads((bundled_models_dir() / "breast-density" / "metrics.json").read_text())

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from onnx_models.training.xray_phantom import make_xray_phantom
-from pipelines.results import ClassificationResult, NotAnalysed, NotAnalysedReason
-from pipelines.run import run_pipeline
+from pipelines.notanalysed import NotAnalysed, NotAnalysedReason
+from pipelines.results import ClassificationResult
 from pipelines.runtime import ModelRegistry, bundled_models_dir
+from pipelines.study import run_pipeline
 from pipelines.volume import SourceFrame, Volume
 
 CARD = json.loads((bundled_models_dir() / "chest-xray" / "metrics.json").read_text())

@@ -20,6 +20,7 @@ from pipelines.runtime import (
     choose_providers,
     load_model,
 )
+from tests.support import REPO
 
 BUNDLED = ["breast-density", "chest-xray", "lung-seg"]
 
@@ -168,7 +169,7 @@ def test_models_list_rows_show_each_bundled_model_with_its_provider():
 
 
 def test_readme_worked_example_is_a_valid_manifest():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     block = readme.split("## Bring your own model", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     data = yaml.safe_load(block.replace("9c1d...", "a" * 64))
     manifest = parse_manifest(data, "README.md")

@@ -11,9 +11,10 @@ import pydicom
 import pytest
 
 from onnx_models.training.ct_phantom import LEFT_LUNG, RIGHT_LUNG, classical_lung_mask, make_ct_phantom
-from pipelines.results import NotAnalysed, NotAnalysedReason, SegmentationResult
-from pipelines.run import run_pipeline
+from pipelines.notanalysed import NotAnalysed, NotAnalysedReason
+from pipelines.results import SegmentationResult
 from pipelines.runtime import ModelRegistry, bundled_models_dir
+from pipelines.study import run_pipeline
 from pipelines.volume import SourceFrame, Volume, load_volume
 
 SERIES = ["series-2-B70f", "series-3-B40f"]

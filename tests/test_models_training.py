@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.modelcheck import check_model_dir
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 @pytest.mark.parametrize(

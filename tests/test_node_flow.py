@@ -6,88 +6,17 @@ image), so these tests exercise the node's backbone independently of the models.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from tests.peers import free_port, storescu
-from tests.support.nodeproc import REPO, NodeProcess
+from tests.support.cli import status
+from tests.support.data import CT_STUDY_UID
+from tests.support.nodeproc import NodeProcess, node_config
+from tests.support.peers import results_in_orthanc, storescu
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk]
-
-CT_STUDY_UID = "1.3.6.1.4.1.14519.5.2.1.6655.2359.104855313699639828167809534834"
-
-
-def node_config(tmp_path: Path, orthanc, **overrides) -> dict:
-    port = free_port()
-    config = {
-        "node": {
-            "ae_title": "AINODE",
-            "host": "127.0.0.1",
-            "port": port,
-            "spool_dir": str(tmp_path / "spool"),
-            "database_url": f"sqlite:///{tmp_path}/node.db",
-            "workers": 1,
-        },
-        "peers": {
-            "pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port, "outputs": ["sc"]},
-        },
-        "routes": [
-            {
-                "name": "ct-test",
-                "match": {"Modality": "CT"},
-                "pipeline": "thumbnail",
-                "destinations": ["pacs"],
-                "stable_after_s": 1,
-            }
-        ],
-        "delivery": {"initial_delay_s": 0.5, "factor": 2, "max_delay_s": 2},
-    }
-    for section, values in overrides.items():
-        if isinstance(values, dict) and isinstance(config.get(section), dict):
-            config[section].update(values)
-        else:
-            config[section] = values
-    return config
-
-
-def results_in_orthanc(orthanc, study_uid: str) -> list[pydicom.Dataset]:
-    """Instances in Orthanc made by the node for ``study_uid`` (our manufacturer, not the source images)."""
-    found = []
-    for instance_id in orthanc.find_instances(StudyInstanceUID=study_uid):
-        ds = orthanc.instance_dataset(instance_id)
-        if ds.get("Manufacturer") == "dicom-ai-node":
-            found.append(ds)
-    return found
-
-
-def wait_for(predicate, timeout_s: float = 60, what: str = "condition", node: NodeProcess | None = None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    log = node.log_text()[-3000:] if node else ""
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{log}")
-
-
-def status(node: NodeProcess) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "node.operate.cli", "status", "--json", "--config", str(node.config_path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=node.env,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])

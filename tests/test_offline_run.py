@@ -17,12 +17,12 @@ import pytest
 
 from onnx_models.training.mammo_phantom import make_mammo_phantom
 from onnx_models.training.xray_phantom import make_xray_phantom
-from pipelines.run import run_pipeline
 from pipelines.runtime import ModelRegistry, bundled_models_dir
+from pipelines.study import run_pipeline
 from pipelines.volume import load_volume
-from tests.dicom_fixtures import CR_IMAGE_STORAGE, MG_FOR_PRESENTATION, radiograph_file
-from tests.peers import dciodvfy_errors
-from tests.support.nodeproc import REPO
+from tests.support import REPO
+from tests.support.dicom import CR_IMAGE_STORAGE, MG_FOR_PRESENTATION, radiograph_file
+from tests.support.peers import dciodvfy_errors
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -6,7 +6,6 @@ import argparse
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +20,12 @@ from db.models import Association, Delivery, DeliveryState, Job, JobState, Resul
 from node import __version__
 from node.operate.cli import build_parser
 from onnx_models.training.xray_phantom import make_xray_phantom
-from tests.dicom_fixtures import CR_IMAGE_STORAGE, radiograph_file
-from tests.peers import echoscu, free_port, storescu
+from tests.support.cli import ainode, write_config
+from tests.support.dicom import CR_IMAGE_STORAGE, radiograph_file
 from tests.support.inprocess import start_receiver
 from tests.support.nodeproc import NodeProcess
-from tests.test_cli import ainode, write_config
+from tests.support.peers import echoscu, free_port, storescu
+from tests.support.waiting import wait_for
 
 
 def _node_config(tmp_path: Path, **node: object) -> dict:
@@ -49,16 +49,6 @@ def _status(node: NodeProcess, *extra: str):  # type: ignore[no-untyped-def]
     return json.loads(result.stdout) if "--json" in extra else result.stdout
 
 
-def _wait_for(predicate, what: str, node: NodeProcess, timeout_s: float = 90):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}\n{node.log_text()[-3000:]}")
-
-
 # -- item 3: why an association was rejected ------------------------------------------------------
 @pytest.mark.dcmtk
 def test_wrong_called_ae_title_is_logged_and_shown_as_such_not_as_a_calling_ae_problem(tmp_path):
@@ -69,7 +59,7 @@ def test_wrong_called_ae_title_is_logged_and_shown_as_such_not_as_a_calling_ae_p
         assert sent.returncode != 0
         assert "Called AE Title Not Recognized" in sent.stdout + sent.stderr
         assert echoscu(node.port, called_ae="AI_NODE", calling_ae="CT_SCANNER1").returncode != 0
-        log = _wait_for(lambda: (t := node.log_text()).count(expected) == 2 and t, "two rejections logged", node)
+        log = wait_for(lambda: (t := node.log_text()).count(expected) == 2 and t, 90, "two rejections logged", node)
         assert "not allowed" not in log
         st = _status(node, "--json")
         rejected = st["rejected_associations"]
@@ -231,9 +221,14 @@ def test_status_shows_which_series_the_pipeline_chose_and_why_others_were_skippe
     with NodeProcess(config, tmp_path / "n", cli=True) as node:
         assert storescu(tmp_path / "both", node.port, calling_ae="CR1").returncode == 0
         assert storescu(lateral_only, node.port, calling_ae="CR1").returncode == 0
-        st = _wait_for(
-            lambda: (s := _status(node, "--json")) and {j["state"] for j in s["jobs"]} == {"done", "not-applicable"}
-            and len(s["jobs"]) == 2 and s,
+        st = wait_for(
+            lambda: (
+                (s := _status(node, "--json"))
+                and {j["state"] for j in s["jobs"]} == {"done", "not-applicable"}
+                and len(s["jobs"]) == 2
+                and s
+            ),
+            90,
             "both jobs ended",
             node,
         )
@@ -260,9 +255,9 @@ def test_resending_a_processed_study_says_so_once_in_the_log(tmp_path, ct_dir):
     files = sorted(series.glob("*.dcm"))[:5]
     with NodeProcess(config, tmp_path / "n") as node:
         assert storescu(files, node.port, calling_ae="CT1").returncode == 0
-        _wait_for(lambda: _status(node, "--json")["counts"]["studies"].get("processed"), "study processed", node)
+        wait_for(lambda: _status(node, "--json")["counts"]["studies"].get("processed"), 90, "study processed", node)
         assert storescu(files, node.port, calling_ae="CT1").returncode == 0
         expected = f"study {study_uid} was already processed; 5 duplicate instances ignored"
-        log = _wait_for(lambda: expected in (t := node.log_text()) and t, "the duplicate line", node)
+        log = wait_for(lambda: expected in (t := node.log_text()) and t, 90, "the duplicate line", node)
         assert log.count(f"study {study_uid} was already processed") == 1
         assert " INFO " in next(line for line in log.splitlines() if expected in line)

@@ -9,8 +9,6 @@ in force then: the delivery waits (no attempt, no giving up) until its peer is k
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,24 +17,14 @@ import pytest
 import yaml
 from pydicom.data import get_testdata_file
 
-from tests.peers import DCMTK, free_port, storescu
-from tests.support.nodeproc import REPO, NodeProcess
-from tests.test_node_flow import status, wait_for
+from tests.support.cli import ainode, status
+from tests.support.nodeproc import NodeProcess
+from tests.support.peers import StoreSCP, free_port, storescu
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.dcmtk]
 
 SENDER_AE = "CT1"
-
-
-def ainode(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node.operate.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=120,
-    )
 
 
 def config_without_peers(tmp_path: Path) -> dict:
@@ -63,32 +51,10 @@ def config_without_peers(tmp_path: Path) -> dict:
     }
 
 
-class StoreSCP:
-    """DCMTK storescp as the modality's storage SCP, writing what it receives to ``folder``."""
-
-    def __init__(self, folder: Path, ae_title: str) -> None:
-        self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [str(DCMTK / "storescp"), "-aet", ae_title, "+xa", "-od", str(folder), str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.5)
-
-    def received(self) -> list[pydicom.Dataset]:
-        return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(self.folder.iterdir()) if p.is_file()]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 def test_results_wait_for_an_unconfigured_sender_and_go_out_once_it_is_configured(tmp_path):
     config = config_without_peers(tmp_path)
     ct = get_testdata_file("CT_small.dcm")
-    scp = StoreSCP(tmp_path / "modality", SENDER_AE)
+    scp = StoreSCP(tmp_path / "modality", "+xa", aet=SENDER_AE)
     try:
         with NodeProcess(config, tmp_path / "n") as node:
             assert storescu(ct, node.port, called_ae="AINODE", calling_ae=SENDER_AE).returncode == 0
@@ -132,7 +98,8 @@ def test_results_wait_for_an_unconfigured_sender_and_go_out_once_it_is_configure
             (delivery,) = status(node)["deliveries"]
             assert (delivery["state"], delivery["attempts"]) == ("delivered", 1)
             assert delivery["peer"] == f"{SENDER_AE}@127.0.0.1:{scp.port}"  # the address last tried
-            (received,) = scp.received()
+            (received_file,) = scp.received()
+            received = pydicom.dcmread(received_file, stop_before_pixels=True)
             assert received.SOPInstanceUID == delivery["sop_instance_uid"]
             assert received.StudyInstanceUID == pydicom.dcmread(ct, stop_before_pixels=True).StudyInstanceUID
             assert "has no entry under peers" in node.log_text()

@@ -7,8 +7,9 @@ import pytest
 from scipy import ndimage as ndi
 
 from pipelines.classification import hotspot_box
+from pipelines.outline import trace_outline
 from pipelines.preprocess import apply_window, crop_or_pad, normalise_intensity, resize_slices
-from pipelines.segmentation import fill_holes_per_slice, keep_largest_components, trace_outline
+from pipelines.segmentation import fill_holes_per_slice, keep_largest_components
 
 
 def test_outline_of_a_square_runs_along_its_border_pixels_and_closes():

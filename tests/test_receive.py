@@ -12,8 +12,8 @@ from pydicom.uid import HTJ2K, HTJ2KLossless
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from tests.peers import echoscu, htj2k_encode, storescu
 from tests.support.inprocess import start_receiver
+from tests.support.peers import echoscu, htj2k_encode, storescu
 
 pytestmark = pytest.mark.dcmtk
 
@@ -174,8 +174,8 @@ def test_store_returns_out_of_resources_when_file_size_limit_is_hit(tmp_path):
     import resource
     import signal
 
-    from tests.peers import free_port
     from tests.support.nodeproc import NodeProcess
+    from tests.support.peers import free_port
 
     def limit_file_size() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -200,7 +200,7 @@ def test_store_returns_out_of_resources_when_file_size_limit_is_hit(tmp_path):
 
 
 def test_store_returns_failure_when_database_unavailable(tmp_path):
-    from tests.peers import PostgresServer
+    from tests.support.peers import PostgresServer
 
     second = tmp_path / "second.dcm"
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))

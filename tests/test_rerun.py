@@ -24,10 +24,12 @@ from db.models import AuditEvent, Delivery, Job, Result, Study
 from node.reasons import one_line_reason
 from onnx_models.training.xray_phantom import make_xray_phantom
 from pipelines.runtime import bundled_models_dir
-from tests.dicom_fixtures import CR_IMAGE_STORAGE, radiograph_file
-from tests.peers import free_port, storescu
-from tests.support.nodeproc import REPO, NodeProcess
-from tests.test_node_flow import node_config, results_in_orthanc, status, wait_for
+from tests.support import REPO
+from tests.support.cli import status
+from tests.support.dicom import CR_IMAGE_STORAGE, radiograph_file
+from tests.support.nodeproc import NodeProcess, node_config
+from tests.support.peers import free_port, results_in_orthanc, storescu
+from tests.support.waiting import wait_for
 
 SENDER_AE = "CRSENDER"
 

@@ -14,10 +14,11 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from tests.dicom_fixtures import copy_as_other_patient
-from tests.peers import dciodvfy_errors, storescu
-from tests.support.nodeproc import NodeProcess
-from tests.test_node_flow import node_config, status, wait_for
+from tests.support.cli import status
+from tests.support.dicom import copy_as_other_patient
+from tests.support.nodeproc import NodeProcess, node_config
+from tests.support.peers import dciodvfy_errors, storescu
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.dcmtk, pytest.mark.filterwarnings("ignore::UserWarning")]
 

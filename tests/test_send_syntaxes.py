@@ -7,9 +7,7 @@ a running ``ainode serve``. The outbox delivers results through the same ``node.
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,9 +35,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from tests.peers import DCMTK, OrthancServer, free_port, htj2k_encode
+from tests.support.cli import ainode, write_config
 from tests.support.nodeproc import NodeProcess
-from tests.test_cli import ainode, write_config
+from tests.support.peers import DCMTK, OrthancServer, StoreSCP, free_port, htj2k_encode
 
 pytestmark = pytest.mark.dcmtk
 
@@ -97,34 +95,6 @@ def source_file(name: str, syntax: UID, tmp_path: Path) -> Path:
         subprocess.run([str(DCMTK / tool), *options, path, str(out)], check=True, capture_output=True, timeout=60)
     assert pydicom.dcmread(out).file_meta.TransferSyntaxUID == syntax
     return out
-
-
-class StoreSCP:
-    """DCMTK storescp writing what it receives, in the syntax it received it, into ``out``."""
-
-    def __init__(self, out: Path, *options: str, aet: str = "STORESCP") -> None:
-        self.out, self.aet, self.port = out, aet, free_port()
-        out.mkdir(parents=True, exist_ok=True)
-        self.log = open(out.parent / f"storescp-{self.port}.log", "wb")
-        args = [str(DCMTK / "storescp"), *options, "-aet", aet, "-od", str(out), str(self.port)]
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:  # listening (a --refuse storescp answers no C-ECHO, so wait for the port)
-            assert self.proc.poll() is None, "storescp exited"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "storescp does not listen"
-                time.sleep(0.1)
-
-    def received(self) -> list[Path]:
-        return sorted(p for p in self.out.iterdir() if p.is_file())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.log.close()
 
 
 @pytest.fixture

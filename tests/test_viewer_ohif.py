@@ -2,7 +2,7 @@
 
 The real CT (TCIA Lung-PET-CT-Dx A0002, series 3) goes through the bundled lung-seg model and the node's
 result writers, exactly as the node would send them; the CT, the SEG and the SR are stored in Orthanc, whose
-DICOMweb plugin feeds OHIF (npm ``@ohif/app``, prebuilt, served by :mod:`tests.viewer.ohif` from the same
+DICOMweb plugin feeds OHIF (npm ``@ohif/app``, prebuilt, served by :mod:`tests.support.viewer.ohif` from the same
 origin as a ``/dicom-web`` proxy). Python Playwright drives Debian's chromium.
 
 What a radiologist should see, checked on the page's text and on screenshot pixels:
@@ -18,7 +18,7 @@ What a radiologist should see, checked on the page's text and on screenshot pixe
 Screenshots go to the test's tmp dir; the segmentation view is also copied to ``tests/.cache/viewer-screenshot.png``
 (the SR outline view to ``tests/.cache/viewer-screenshot-sr.png``, the radiograph to
 ``viewer-screenshot-radiograph.png``).
-Install the viewer with ``bash tests/viewer/install.sh`` (``tests/run.sh`` does).
+Install the viewer with ``bash tests/support/viewer/install.sh`` (``tests/run.sh`` does).
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from tests.viewer.ohif import CHROMIUM, CHROMIUM_ARGS, OhifServer, ohif_dist, ohif_version
+from tests.support import REPO
+from tests.support.viewer.ohif import CHROMIUM, CHROMIUM_ARGS, OhifServer, ohif_dist, ohif_version
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Locator, Page
 
 pytestmark = [pytest.mark.viewer, pytest.mark.orthanc, pytest.mark.filterwarnings("ignore::UserWarning")]
 
-REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "tests" / ".cache"
 CT_SERIES = "series-3-B40f"
 TIMEOUT_MS = 90_000  # per step; the machine is slow and shares its 2 cores
@@ -161,7 +161,9 @@ def viewer_installed() -> None:
     """Skip (before starting anything) when the viewer cannot run here."""
     pytest.importorskip("playwright.sync_api", reason="Python playwright missing (pip install -e '.[test]')")
     if ohif_dist() is None:
-        pytest.skip("OHIF viewer not installed: run `bash tests/viewer/install.sh` (needs npm and the npm registry)")
+        pytest.skip(
+            "OHIF viewer not installed: run `bash tests/support/viewer/install.sh` (needs npm and the npm registry)"
+        )
     if not CHROMIUM.is_file():
         pytest.skip(f"chromium missing at {CHROMIUM} (apt-get install chromium)")
 
@@ -170,8 +172,8 @@ def viewer_installed() -> None:
 def lung_study(viewer_installed: None, orthanc, ct_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LungStudy:
     """The CT series, its SEG and SR as the node makes them, in Orthanc."""
     from pipelines.dicom import Equipment, write_results
-    from pipelines.run import run_pipeline
     from pipelines.runtime import ModelRegistry, bundled_models_dir
+    from pipelines.study import run_pipeline
     from pipelines.volume import load_volume
 
     files = sorted((ct_dir / CT_SERIES).glob("*.dcm"))
@@ -442,10 +444,10 @@ def radiograph_study(orthanc, lung_study: LungStudy, tmp_path_factory: pytest.Te
     """A chest radiograph phantom with an opacity, its SR and SC from the chest-xray model, in Orthanc."""
     from onnx_models.training.xray_phantom import make_xray_phantom
     from pipelines.dicom import Equipment, write_results
-    from pipelines.run import run_pipeline
     from pipelines.runtime import ModelRegistry, bundled_models_dir
+    from pipelines.study import run_pipeline
     from pipelines.volume import load_volume
-    from tests.dicom_fixtures import CR_IMAGE_STORAGE, radiograph_file
+    from tests.support.dicom import CR_IMAGE_STORAGE, radiograph_file
 
     out = tmp_path_factory.mktemp("radiograph")
     phantom = make_xray_phantom(np.random.default_rng(1), size=512, opacity=True)

@@ -30,11 +30,11 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, when run as a script
 
-from tests.peers import OrthancServer, ct_dir, free_port  # noqa: E402
+from tests.support.data import ct_dir  # noqa: E402
 from tests.support.nodeproc import NodeProcess, wait_for_echo  # noqa: E402
+from tests.support.peers import OrthancServer, free_port  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"

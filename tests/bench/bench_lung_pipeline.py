@@ -25,15 +25,15 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from node.work.runner import DEFER_BYTES  # noqa: E402
 from onnx_models.training.ct_phantom import make_ct_phantom  # noqa: E402
+from pipelines.modelinput import model_input  # noqa: E402
 from pipelines.runtime import ModelRegistry, bundled_models_dir  # noqa: E402
-from pipelines.segmentation import model_input, segment  # noqa: E402
+from pipelines.segmentation import segment  # noqa: E402
+from pipelines.study import DEFER_BYTES  # noqa: E402
 from pipelines.volume import Volume, load_volume  # noqa: E402
+from tests.support import REPO  # noqa: E402
 
-CT_DIR = Path(
-    os.environ.get("AINODE_TEST_CT_DIR", Path(__file__).resolve().parents[3] / "shared/data/ct-chest-tcia-A0002")
-)
+CT_DIR = Path(os.environ.get("AINODE_TEST_CT_DIR", REPO.parent / "shared/data/ct-chest-tcia-A0002"))
 
 
 def _rss_mib(field: str) -> float:

@@ -29,14 +29,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, when run as a script
 
 import pydicom  # noqa: E402
 
 from tests.bench.bench_ingest import STORESCU, make_study  # noqa: E402
-from tests.peers import OrthancServer, free_port  # noqa: E402
 from tests.support.nodeproc import NodeProcess  # noqa: E402
+from tests.support.peers import OrthancServer, free_port  # noqa: E402
 
 
 def arrival_watch(orthanc: OrthancServer, study_uid: str, found: dict[str, float], stop: threading.Event) -> None:

@@ -14,7 +14,7 @@ from db.models import Association, Instance
 from node.receive.ingest import InstanceIndex
 from node.receive.scp import StorageSCP
 from node.receive.spool import Spool
-from tests.peers import free_port
+from tests.support.peers import free_port
 
 
 @dataclass

@@ -14,7 +14,46 @@ import yaml
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
+from tests.support.peers import OrthancServer, free_port
+
+
+def node_config(tmp_path: Path, orthanc: OrthancServer, **overrides: Any) -> dict[str, Any]:
+    """A node on a free port, its spool and SQLite database in ``tmp_path``, results (sc) to ``orthanc``.
+
+    One route: CT studies, quiet for 1 s, go to the tests' ``thumbnail`` pipeline. ``overrides``
+    update a section (a dict) or replace it.
+    """
+    port = free_port()
+    config: dict[str, Any] = {
+        "node": {
+            "ae_title": "AINODE",
+            "host": "127.0.0.1",
+            "port": port,
+            "spool_dir": str(tmp_path / "spool"),
+            "database_url": f"sqlite:///{tmp_path}/node.db",
+            "workers": 1,
+        },
+        "peers": {
+            "pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port, "outputs": ["sc"]},
+        },
+        "routes": [
+            {
+                "name": "ct-test",
+                "match": {"Modality": "CT"},
+                "pipeline": "thumbnail",
+                "destinations": ["pacs"],
+                "stable_after_s": 1,
+            }
+        ],
+        "delivery": {"initial_delay_s": 0.5, "factor": 2, "max_delay_s": 2},
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(config.get(section), dict):
+            config[section].update(values)
+        else:
+            config[section] = values
+    return config
 
 
 def wait_for_echo(

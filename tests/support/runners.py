@@ -1,7 +1,9 @@
-"""Pipelines defined inside tests only, for the node's own tests (issue 2).
+"""Pipeline runners for the node's own tests (issue 2), and the one place tests get the study runner from.
 
-They make real DICOM objects (a highdicom Secondary Capture in the source study) without
-a model, so the receive -> assemble -> job -> outbox -> PACS path can be tested on its own.
+``ThumbnailRunner`` makes real DICOM objects (a highdicom Secondary Capture in the source study)
+without a model, so the receive -> assemble -> job -> outbox -> PACS path can be tested on its own.
+Like the real pipelines (ARCHITECTURE.md invariant 3), it fixes its result UIDs from its input: the
+same instances through the same pipeline make the same UIDs again; other instances make new ones.
 """
 
 from __future__ import annotations
@@ -14,9 +16,36 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from node.work.worker import RunOutcome
+from pipelines.study import RunOutcome, StudyRunner
+
+
+def result_uid_key(pipeline: str, series_files: Mapping[str, Sequence[Path]]) -> list[str]:
+    """What a result is *of*: the pipeline and each series with its SOP Instance UIDs, in a fixed order."""
+    key = ["tests thumbnail", pipeline]
+    for series_uid in sorted(series_files):
+        sops = sorted(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in series_files[series_uid])
+        key += [series_uid, *sops]
+    return key
+
+
+def onnx_study_runner(**options: object) -> StudyRunner:
+    """The node's own study runner on the bundled models (select -> load -> run -> write), for tests.
+
+    Imported here only, so that a move of the runner changes one line of the tests.
+    """
+    from pipelines.dicom import Equipment
+    from pipelines.runtime import ModelRegistry, bundled_models_dir
+    from pipelines.study import OnnxStudyRunner
+
+    equipment = Equipment(
+        manufacturer="dicom-ai-node",
+        model_name="test",
+        software_versions="0",
+        device_uid=generate_uid(entropy_srcs=["tests device"]),
+    )
+    return OnnxStudyRunner(ModelRegistry(bundled_models_dir()), equipment, **options)  # type: ignore[arg-type]
 
 
 class ThumbnailRunner:
@@ -32,6 +61,7 @@ class ThumbnailRunner:
         delay = float(os.environ.get("AINODE_TEST_RUNNER_DELAY_S", "0"))
         if delay:
             time.sleep(delay)
+        key = result_uid_key(pipeline, series_files)
         series_uid = max(series_files, key=lambda uid: len(series_files[uid]))
         files = sorted(series_files[series_uid])
         source = dcmread(files[len(files) // 2])
@@ -54,8 +84,8 @@ class ThumbnailRunner:
             coordinate_system="PATIENT",
             patient_orientation=("L", "P"),
             pixel_spacing=tuple(float(v) for v in source.get("PixelSpacing", [1, 1])),
-            series_instance_uid=hd.UID(),
-            sop_instance_uid=hd.UID(),
+            series_instance_uid=generate_uid(entropy_srcs=[*key, "series"]),
+            sop_instance_uid=generate_uid(entropy_srcs=[*key, "instance", "1"]),
             series_number=990,
             instance_number=1,
             manufacturer="dicom-ai-node",

@@ -1,4 +1,4 @@
-"""Pipeline results built by hand for the DICOM writer tests (no ONNX model involved).
+"""Pipeline results and small images built by hand, for the DICOM writer and node tests (no ONNX model).
 
 The writers only need the contract of :mod:`pipelines.results` and :mod:`pipelines.volume`; these
 helpers make such results from the real CT (a threshold "lung segmentation") and from small

@@ -23,7 +23,6 @@ from typing import Any
 
 import pydicom
 
-REPO = Path(__file__).resolve().parents[1]
 DCMTK = Path("/usr/bin")
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -36,16 +35,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def ct_dir() -> Path:
-    """The real chest CT (TCIA Lung-PET-CT-Dx A0002, CC BY 4.0), read in place; skip when absent."""
-    import pytest
-
-    path = Path(os.environ.get("AINODE_TEST_CT_DIR", REPO.parent / "shared" / "data" / "ct-chest-tcia-A0002"))
-    if not path.is_dir() or not any(path.rglob("*.dcm")):
-        pytest.skip(f"real CT data missing: {path} (set AINODE_TEST_CT_DIR to a folder of CT series)")
-    return path
 
 
 # -- DCMTK ---------------------------------------------------------------------------------------
@@ -81,6 +70,44 @@ def echoscu(
         text=True,
         timeout=60,
     )
+
+
+def dcmtk(tool: str, *args: str | Path) -> None:
+    """Run a DCMTK tool (``dcmconv``, ``dcmcjpeg``, ...); skips the calling test when it is not installed."""
+    import pytest
+
+    exe = DCMTK / tool
+    if not exe.is_file():
+        pytest.skip(f"DCMTK {tool} not installed at {exe}")
+    subprocess.run([str(exe), *map(str, args)], check=True, capture_output=True, timeout=60)
+
+
+class StoreSCP:
+    """DCMTK storescp writing what it receives, in the syntax it received it, into ``out``."""
+
+    def __init__(self, out: Path, *options: str, aet: str = "STORESCP") -> None:
+        self.out, self.aet, self.port = out, aet, free_port()
+        out.mkdir(parents=True, exist_ok=True)
+        self.log = open(out.parent / f"storescp-{self.port}.log", "wb")
+        args = [str(DCMTK / "storescp"), *options, "-aet", aet, "-od", str(out), str(self.port)]
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:  # listening (a --refuse storescp answers no C-ECHO, so wait for the port)
+            assert self.proc.poll() is None, "storescp exited"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "storescp does not listen"
+                time.sleep(0.1)
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.out.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
 
 
 def dciodvfy_errors(path: Path | str) -> list[str]:
@@ -235,6 +262,16 @@ class OrthancServer:
 
     def send_study_to_modality(self, study_id: str, modality: str) -> None:
         self.rest(f"/modalities/{modality}/store", {"Resources": [study_id], "Synchronous": True})
+
+
+def results_in_orthanc(orthanc: OrthancServer, study_uid: str) -> list[pydicom.Dataset]:
+    """Instances in Orthanc made by the node for ``study_uid`` (our manufacturer, not the source images)."""
+    found = []
+    for instance_id in orthanc.find_instances(StudyInstanceUID=study_uid):
+        ds = orthanc.instance_dataset(instance_id)
+        if ds.get("Manufacturer") == "dicom-ai-node":
+            found.append(ds)
+    return found
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------
