@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
-from db.models import Delivery, DeliveryState, Instance, Job, Series, Study, StudyState, utcnow
 from db.queue import process_identity, reclaim_stale_jobs
-from db.states import OPEN_JOB_STATES
 from node import __version__
 from node.assemble.assembler import StudyAssembler
 from node.assemble.router import Router
@@ -28,8 +23,9 @@ from node.config import Config, delivery_warnings, display_database_url
 from node.deliver.outbox import Backoff, Outbox, outbox_loop
 from node.identity import MANUFACTURER, device_uid
 from node.loops import Loop
-from node.models import registry_from_config
+from node.models import study_runner_from_config
 from node.receive.ingest import InstanceIndex, reconcile_spool
+from node.receive.retention import Retention
 from node.receive.scp import StorageSCP, listen
 from node.receive.spool import Spool
 from node.work.destinations import make_resolver
@@ -66,6 +62,7 @@ class NodeApp:
         upgrade(self.engine)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self.spool = Spool(Path(node.spool_dir))
+        self.retention = Retention(self.sessions, self.spool, node.retention_days)
         self.index = InstanceIndex(self.sessions, node.late_instances)
         self.device_uid = device_uid(config)
         self.identity = process_identity()
@@ -80,29 +77,7 @@ class NodeApp:
 
     # -- parts -----------------------------------------------------------------------------
     def _make_runner(self) -> StudyRunner:
-        return self._runner if self._runner is not None else self.make_runner_for(self.config)
-
-    @staticmethod
-    def make_runner_for(config: Config) -> StudyRunner:
-        from pipelines.dicom import Equipment
-        from pipelines.study import OnnxStudyRunner
-
-        rt = config.runtime
-        registry = registry_from_config(config)
-        equipment = Equipment(
-            manufacturer=MANUFACTURER,
-            model_name=MANUFACTURER,
-            software_versions=__version__,
-            device_uid=device_uid(config),
-            institution_name=config.node.institution_name,
-            station_name=config.node.station_name or config.node.ae_title,
-        )
-        return OnnxStudyRunner(
-            registry,
-            equipment,
-            omit_empty_frames=config.results.omit_empty_seg_frames,
-            batch_size=rt.batch_size,
-        )
+        return self._runner if self._runner is not None else study_runner_from_config(self.config)
 
     def backoff(self) -> Backoff:
         d = self.config.delivery
@@ -175,7 +150,7 @@ class NodeApp:
         self.loops = [
             assemble_loop,
             Loop("reclaimer", self._reclaim, max(1.0, self.job_lease_s / 2), log=log),
-            Loop("retention", self._retention, 600.0, log=log),
+            Loop("retention", self.retention.run, 600.0, log=log),
         ]
         for loop in self.loops:
             loop.start()
@@ -244,56 +219,3 @@ class NodeApp:
         if reclaim_stale_jobs(self.sessions, lease_s=self.job_lease_s, max_attempts=self.max_job_attempts):
             if self.pool is not None:
                 self.pool.wake()
-
-    def _retention(self, now: datetime | None = None) -> None:
-        """Delete received images of studies whose results were delivered ``retention_days`` ago or more.
-
-        A study qualifies once it is processed (or unrouted), no job of it is open, no delivery of it
-        is pending or waiting, and both its last instance and its last delivery are older than the
-        cutoff: a study whose PACS took the results only yesterday keeps its images.
-        """
-        days = self.config.node.retention_days
-        if days is None:
-            return
-        cutoff = (now or utcnow()) - timedelta(days=days)
-        expired: list[tuple[int, str]] = []
-        with self.sessions() as session:
-            candidates = session.execute(
-                select(Study.id, Study.study_instance_uid).where(
-                    Study.state.in_([StudyState.PROCESSED, StudyState.UNROUTED]),
-                    Study.last_received_at < cutoff,
-                )
-            ).all()
-            for study_id, study_uid in candidates:
-                deliveries = select(Delivery).join(Delivery.result).join(Job).where(Job.study_id == study_id)
-                unsent = session.execute(
-                    deliveries.where(Delivery.state.in_([DeliveryState.PENDING, DeliveryState.WAITING]))
-                ).first()
-                open_job = session.execute(
-                    select(Job.id).where(Job.study_id == study_id, Job.state.in_(OPEN_JOB_STATES))
-                ).first()
-                last_delivered = session.scalars(
-                    deliveries.where(Delivery.delivered_at.is_not(None)).order_by(Delivery.delivered_at.desc())
-                ).first()
-                delivered_recently = (
-                    last_delivered is not None
-                    and last_delivered.delivered_at is not None
-                    and last_delivered.delivered_at >= cutoff
-                )
-                if unsent is None and open_job is None and not delivered_recently:
-                    expired.append((study_id, study_uid))
-        # The reading transaction ends before anything is deleted: on SQLite it holds the write lock
-        # (BEGIN IMMEDIATE), and a second transaction inside it would wait for it until "database is locked".
-        for study_id, study_uid in expired:
-            self._forget_images(study_id, study_uid)
-
-    def _forget_images(self, study_id: int, study_uid: str) -> None:
-        with self.sessions() as session, session.begin():
-            series_ids = select(Series.id).where(Series.study_id == study_id)
-            deleted = session.execute(delete(Instance).where(Instance.series_id.in_(series_ids)))
-            removed = cast(CursorResult[Any], deleted).rowcount
-            study = session.get(Study, study_id)
-            if study is not None:
-                study.note = f"received images removed by retention ({removed} instances)"
-        self.spool.remove_study(study_uid)
-        log.info("retention: removed %d received images of study %s", removed, study_uid)

@@ -17,6 +17,7 @@ from node.config import Config
 
 if TYPE_CHECKING:  # onnxruntime takes half a second to import: only the commands that need it pay
     from pipelines.runtime import ModelRegistry
+    from pipelines.study import StudyRunner
 
 
 def registry_from_config(config: Config) -> ModelRegistry:
@@ -32,6 +33,30 @@ def registry_from_config(config: Config) -> ModelRegistry:
         providers=None if rt.providers == "auto" else list(rt.providers),
         intra_op_threads=rt.intra_op_threads,
         inter_op_threads=rt.inter_op_threads,
+    )
+
+
+def study_runner_from_config(config: Config) -> StudyRunner:
+    """The study analysis the node's workers and ``ainode run`` use: the configured models, written
+    as this node (its identity in the result objects' equipment) with the configured result options."""
+    from node import __version__
+    from node.identity import MANUFACTURER, device_uid
+    from pipelines.dicom import Equipment
+    from pipelines.study import OnnxStudyRunner
+
+    equipment = Equipment(
+        manufacturer=MANUFACTURER,
+        model_name=MANUFACTURER,
+        software_versions=__version__,
+        device_uid=device_uid(config),
+        institution_name=config.node.institution_name,
+        station_name=config.node.station_name or config.node.ae_title,
+    )
+    return OnnxStudyRunner(
+        registry_from_config(config),
+        equipment,
+        omit_empty_frames=config.results.omit_empty_seg_frames,
+        batch_size=config.runtime.batch_size,
     )
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from node.app import NodeApp
 from node.assemble.router import Router
 from node.config import Config
 from node.identity import MANUFACTURER, device_uid
+from node.models import study_runner_from_config
 from pipelines.study import ResultKind, StudyRunner
 
 EXIT_FAILED = 1
@@ -65,7 +65,7 @@ def run_offline(
 ) -> int:
     studies, failures = _studies(files)
     router = Router(config.routes, own_device_uid=device_uid(config), own_manufacturer=MANUFACTURER)
-    runner: StudyRunner = NodeApp.make_runner_for(config)
+    runner: StudyRunner = study_runner_from_config(config)
     wanted = set(outputs or ResultKind)  # the values (--outputs seg,sr) become ResultKind in the runner
     written = 0
     for study_uid, series in studies.items():

@@ -190,7 +190,7 @@ def run_retention(config: Config) -> None:
     event.listen(app.engine, "connect", lambda dbapi, _record: dbapi.execute("PRAGMA busy_timeout=500"))
     app.engine.dispose()  # connections made from now on get the listener
     try:
-        app._retention()
+        app.retention.run()
     finally:
         app.engine.dispose()
 

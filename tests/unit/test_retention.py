@@ -1,6 +1,6 @@
 """Retention: received images of studies whose results went out are deleted after ``retention_days``.
 
-Retention reads the clock itself (``NodeApp._retention`` computes its cutoff from ``utcnow()``), so
+Retention runs as the node runs it (``Retention.run()`` computes its cutoff from ``utcnow()``), so
 the studies here are dated in the past instead of moving an injected clock forward. Their rows are
 made directly, in the states the flow leaves them in, so that the dates of receipt and delivery can
 be chosen independently.
