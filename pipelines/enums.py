@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    BasicTextSRStorage,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    ExtensibleSRStorage,
+    SegmentationStorage,
+)
+
 
 class ResultKind(StrEnum):
     """A kind of result object the node writes, as a destination asks for it (config ``peers.<name>.outputs``).
@@ -23,3 +33,19 @@ class ResultKind(StrEnum):
     SR = "sr"
     #: Secondary Capture images with the result burned in, for viewers that show neither SEG nor SR.
     SC = "sc"
+
+
+#: The SR storage SOP classes (PS3.4 B.5) whatever template they carry: a report, for a destination.
+SR_CLASSES = frozenset(
+    {BasicTextSRStorage, EnhancedSRStorage, ComprehensiveSRStorage, Comprehensive3DSRStorage, ExtensibleSRStorage}
+)
+
+
+def result_kind(ds: Dataset) -> ResultKind:
+    """The kind of a result object by its SOP Class UID: SEG, SR, or SC (any image for plain viewers)."""
+    sop_class = str(ds.SOPClassUID)
+    if sop_class == SegmentationStorage:
+        return ResultKind.SEG
+    if sop_class in SR_CLASSES:
+        return ResultKind.SR
+    return ResultKind.SC

@@ -13,21 +13,22 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydicom import Dataset, dcmread
 
-from pipelines.classification import classify
-from pipelines.dicom import Equipment, result_kind, write_results
-from pipelines.enums import ResultKind
+from pipelines.enums import ResultKind, result_kind
 from pipelines.manifest import Task
 from pipelines.notanalysed import NotAnalysable, NotAnalysed
-from pipelines.results import PipelineResult
-from pipelines.runtime import LoadedModel, ModelRegistry
-from pipelines.segmentation import segment
 from pipelines.select import Candidate, rank_series, select_series, usable_instances
-from pipelines.svm import assess_density
-from pipelines.volume import Volume, load_volume
+
+if TYPE_CHECKING:
+    # ONNX Runtime, highdicom and the pipelines are imported when a study is analysed, not with the
+    # contract: the worker's process shape (and a receiver's memory) does not depend on them.
+    from pipelines.dicom import Equipment
+    from pipelines.results import PipelineResult
+    from pipelines.runtime import LoadedModel, ModelRegistry
+    from pipelines.volume import Volume
 
 __all__ = [
     "DEFER_BYTES",
@@ -101,6 +102,10 @@ def run_pipeline(model: LoadedModel, volume: Volume, batch_size: int | None = No
     :class:`~pipelines.notanalysed.NotAnalysed` with a specific reason; only genuine faults (a broken
     model, a bug) raise. ``batch_size`` overrides the manifest's slices per inference call (segmentation).
     """
+    from pipelines.classification import classify
+    from pipelines.segmentation import segment
+    from pipelines.svm import assess_density
+
     task = model.manifest.task
     try:
         if task is Task.SEGMENTATION:
@@ -159,6 +164,9 @@ class OnnxStudyRunner:
     def run(
         self, pipeline: str, series_files: Mapping[str, Sequence[Path]], outputs: Iterable[ResultKind | str]
     ) -> RunOutcome:
+        from pipelines.dicom import write_results
+        from pipelines.volume import load_volume
+
         wanted = sorted({ResultKind(o) for o in outputs})
         model = self.registry.get(pipeline)
         manifest = model.manifest

@@ -18,8 +18,8 @@ from pydicom.sr.codedict import codes
 
 from pipelines.dicom import Equipment, write_results
 from pipelines.dicom.air import PROCESSING_ALGORITHM
-from pipelines.dicom.air import produced_by as is_own_result  # loop prevention: why, or None
 from pipelines.enums import ResultKind as OutputKind  # seg/sr/sc: one enum since issue 14
+from pipelines.provenance import produced_by as is_own_result  # loop prevention: why, or None
 from tests.support.dicom import (
     chest_xray_source,
     classification_result,

@@ -22,7 +22,7 @@ from pydicom.multival import MultiValue
 
 from node.config import Condition, Config, Route
 from node.identity import MANUFACTURER, device_uid
-from pipelines.dicom.air import produced_by
+from pipelines.provenance import produced_by
 
 
 @dataclass(frozen=True)

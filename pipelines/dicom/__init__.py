@@ -13,14 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    BasicTextSRStorage,
-    Comprehensive3DSRStorage,
-    ComprehensiveSRStorage,
-    EnhancedSRStorage,
-    ExtensibleSRStorage,
-    SegmentationStorage,
-)
 
 from pipelines.dicom.air import Equipment
 from pipelines.dicom.sc import make_secondary_captures
@@ -28,26 +20,11 @@ from pipelines.dicom.seg import make_segmentation
 from pipelines.dicom.source import ordered_sources
 from pipelines.dicom.sr import make_report
 from pipelines.dicom.uids import ResultUids
-from pipelines.enums import ResultKind
+from pipelines.enums import SR_CLASSES, ResultKind, result_kind
 from pipelines.results import PipelineResult, SegmentationResult
 
 #: Series Number of each result series (the source series keep theirs; viewers sort by it).
 SERIES_NUMBER = {ResultKind.SEG: 901, ResultKind.SR: 902, ResultKind.SC: 903}
-
-#: The SR storage SOP classes (PS3.4 B.5) whatever template they carry: a report, for a destination.
-SR_CLASSES = frozenset(
-    {BasicTextSRStorage, EnhancedSRStorage, ComprehensiveSRStorage, Comprehensive3DSRStorage, ExtensibleSRStorage}
-)
-
-
-def result_kind(ds: Dataset) -> ResultKind:
-    """The kind of a result object by its SOP Class UID: SEG, SR, or SC (any image for plain viewers)."""
-    sop_class = str(ds.SOPClassUID)
-    if sop_class == SegmentationStorage:
-        return ResultKind.SEG
-    if sop_class in SR_CLASSES:
-        return ResultKind.SR
-    return ResultKind.SC
 
 
 def write_results(

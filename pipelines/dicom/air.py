@@ -100,30 +100,3 @@ def sr_algorithm_id(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
 def series_description(what: str, model: ModelIdentity) -> str:
     """Series Description (LO, 64 chars) saying what a result series is: "AI lung segmentation (lung-seg 1.0)"."""
     return f"AI {what} ({model.name} {model.version})"[:64]
-
-
-def produced_by(ds: Dataset, device_uid: str, manufacturer: str) -> str | None:
-    """Why ``ds`` is a result of this node (or of another node of the same software), or None: loop prevention.
-
-    It reads the attributes :func:`add_air_attributes` writes, Contributing Equipment items first, then
-    General Equipment, and names the one that matched (for the router's "ignored: produced by this node").
-
-    Parameters
-    ----------
-    ds
-        An incoming dataset (headers suffice).
-    device_uid
-        This node's Device UID, as written into Contributing Equipment and General Equipment.
-    manufacturer
-        Our Manufacturer value; any node of the same software counts as "own" to avoid ping-pong between nodes.
-    """
-    for item in ds.get("ContributingEquipmentSequence", []):
-        if item.get("DeviceUID") == device_uid:
-            return f"ContributingEquipmentSequence DeviceUID {device_uid}"
-        if str(item.get("Manufacturer", "")).strip() == manufacturer:
-            return f"ContributingEquipmentSequence Manufacturer {manufacturer}"
-    if ds.get("DeviceUID") == device_uid:
-        return f"DeviceUID {device_uid}"
-    if str(ds.get("Manufacturer", "")).strip() == manufacturer:
-        return f"Manufacturer {manufacturer}"
-    return None
