@@ -1,13 +1,13 @@
 """Allowed values of the core's concepts, as enums (highdicom's ``enum.py`` per package).
 
 A string from outside (the configuration, the command line, a database column) becomes one of these
-once, where it enters; everything after works with the enum. The manifest's own enums
-(:class:`pipelines.manifest.Task`, :class:`pipelines.manifest.OutputKind`) live with the manifest.
+once, where it enters; everything after works with the enum. The manifest's output kinds
+(:class:`pipelines.manifest.OutputKind`) live with the manifest.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import Enum, StrEnum
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -18,6 +18,14 @@ from pydicom.uid import (
     ExtensibleSRStorage,
     SegmentationStorage,
 )
+
+
+class Task(str, Enum):
+    """What a model does, and so which pipeline runs it (the manifest's ``task``)."""
+
+    SEGMENTATION = "segmentation"
+    CLASSIFICATION = "classification"
+    SVM = "svm"
 
 
 class ResultKind(StrEnum):

@@ -15,18 +15,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.sr.coding import Code
 
+from pipelines.enums import Task
+
 MANIFEST_FILE = "model.yaml"
 MODEL_FILE = "model.onnx"
 
 
 class ManifestError(ValueError):
     """A model.yaml that cannot be used; the message names the file, the field path and the problem."""
-
-
-class Task(str, Enum):
-    SEGMENTATION = "segmentation"
-    CLASSIFICATION = "classification"
-    SVM = "svm"
 
 
 class OutputKind(str, Enum):

@@ -28,7 +28,7 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
-from pipelines.manifest import Task
+from pipelines.enums import Task
 from pipelines.notanalysed import NotAnalysable, NotAnalysedReason
 
 #: SOP classes that carry images a pipeline can use, by modality family.

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pydicom import Dataset, dcmread
 
-from pipelines.enums import ResultKind, result_kind
-from pipelines.manifest import Task
+from pipelines.enums import ResultKind, Task, result_kind
 from pipelines.notanalysed import NotAnalysable, NotAnalysed
 from pipelines.select import Candidate, rank_series, select_series, usable_instances
 
