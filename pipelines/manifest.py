@@ -116,6 +116,20 @@ class Preprocessing(_Strict):
     #: For task svm: names of the NumPy features (pipelines.svm.FEATURES) in the order of the input vector.
     features: list[str] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_invert_monochrome1(cls, data: object) -> object:
+        # Manifests written for 0.1 may carry invert_monochrome1: true, which is what the loader always
+        # does (MONOCHROME1 shown as MONOCHROME2, bright = dense): accepted and dropped. false never worked.
+        if isinstance(data, dict) and "invert_monochrome1" in data:
+            data = dict(data)
+            if data.pop("invert_monochrome1") is not True:
+                raise ValueError(
+                    "invert_monochrome1: only true is possible (the loader always shows MONOCHROME1 images "
+                    "as MONOCHROME2, bright = dense); remove the key"
+                )
+        return data
+
     @model_validator(mode="after")
     def _one_intensity_mapping(self) -> Preprocessing:
         if self.hu_window is not None and self.normalisation is not None:
