@@ -150,7 +150,24 @@ def test_seg_has_every_frame_references_the_source_series_and_codes_each_lung(ct
         frame = seg.get_pixels_by_source_instance([(source_uid)], combine_segments=True)[0]
         assert np.array_equal(frame, by_uid[source_uid])
     assert volume.array.max() == 2
-    assert seg.SeriesDescription == "AI lung segmentation (lung-seg 1.0)"
+    assert seg.SeriesDescription == "AI lung segmentation (lung-seg 1.0), series 3: ThoraxRoutine 8.0.0 B40f"[:64]
+    assert seg.SeriesNumber == 391
+
+
+def test_two_analysed_series_of_one_study_get_distinct_result_series_naming_their_source(ct_dir: Path):
+    """Issue 10 item 4: series 2 and 3 of one study, analysed apart, must not both be 901/902/903."""
+    numbers, descriptions = {}, {}
+    for name in ("series-2-B70f", "series-3-B40f"):
+        series = load_ct_series(ct_dir / name)
+        result = lung_result(volume_from_slices(series))
+        objects = write_results(result, series, EQUIPMENT, ALL)
+        source = int(series[0].SeriesNumber)
+        numbers[source] = sorted(int(ds.SeriesNumber) for ds in objects)
+        descriptions[source] = {str(ds.SeriesDescription) for ds in objects}
+        assert all(f"series {source}: " in d and len(d) <= 64 for d in descriptions[source]), descriptions[source]
+    assert numbers[2][:2] == [291, 292] and numbers[3][:2] == [391, 392]
+    assert not set(numbers[2]) & set(numbers[3])
+    assert not descriptions[2] & descriptions[3]
 
 
 def test_seg_can_omit_empty_frames_when_asked(ct_series):

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from pydicom.dataset import Dataset
 
-from pipelines.dicom.air import Equipment
+from pipelines.dicom.air import Equipment, result_series_number, source_series_label
 from pipelines.dicom.sc import make_secondary_captures
 from pipelines.dicom.seg import make_segmentation
 from pipelines.dicom.source import ordered_sources
@@ -22,9 +22,6 @@ from pipelines.dicom.sr import make_report
 from pipelines.dicom.uids import ResultUids
 from pipelines.enums import SR_CLASSES, ResultKind, result_kind
 from pipelines.results import PipelineResult, SegmentationResult
-
-#: Series Number of each result series (the source series keep theirs; viewers sort by it).
-SERIES_NUMBER = {ResultKind.SEG: 901, ResultKind.SR: 902, ResultKind.SC: 903}
 
 
 def write_results(
@@ -50,6 +47,13 @@ def write_results(
         Leave SEG frames without any segment pixel out (off by default: OHIF misplaces segments then).
     """
     wanted = {ResultKind(o) for o in outputs}
+    # Each result series names its source series and has a number of its own (several analysed series of one
+    # study must not collide in the viewer's list).
+    label = source_series_label(datasets[0]) if datasets else ""
+
+    def number(kind: ResultKind) -> int:
+        return result_series_number(datasets[0], kind.value) if datasets else 900 + {"seg": 1, "sr": 2, "sc": 3}[kind]
+
     uids = ResultUids.for_result(result.model, result.volume)
     sources = ordered_sources(result.volume, datasets)
     out: list[Dataset] = []
@@ -61,16 +65,23 @@ def write_results(
             equipment,
             series_instance_uid=uids.series(ResultKind.SEG),
             sop_instance_uid=uids.instance(ResultKind.SEG),
-            series_number=SERIES_NUMBER[ResultKind.SEG],
+            series_number=number(ResultKind.SEG),
+            source_label=label,
             tracking_uids={s.number: uids.tracking(s.number) for s in result.segments},
             omit_empty_frames=omit_empty_frames,
         )
         out.append(seg)
     if ResultKind.SR in wanted:
-        out.append(make_report(result, sources, equipment, uids, seg=seg, series_number=SERIES_NUMBER[ResultKind.SR]))
+        out.append(
+            make_report(
+                result, sources, equipment, uids, seg=seg, series_number=number(ResultKind.SR), source_label=label
+            )
+        )
     if ResultKind.SC in wanted:
-        out += make_secondary_captures(result, datasets, equipment, uids, series_number=SERIES_NUMBER[ResultKind.SC])
+        out += make_secondary_captures(
+            result, datasets, equipment, uids, series_number=number(ResultKind.SC), source_label=label
+        )
     return out
 
 
-__all__ = ["Equipment", "SERIES_NUMBER", "SR_CLASSES", "ResultUids", "result_kind", "write_results"]
+__all__ = ["Equipment", "SR_CLASSES", "ResultUids", "result_kind", "write_results"]

@@ -97,6 +97,39 @@ def sr_algorithm_id(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
 
 
-def series_description(what: str, model: ModelIdentity) -> str:
-    """Series Description (LO, 64 chars) saying what a result series is: "AI lung segmentation (lung-seg 1.0)"."""
-    return f"AI {what} ({model.name} {model.version})"[:64]
+def series_description(what: str, model: ModelIdentity, source_label: str = "") -> str:
+    """Series Description (LO, 64 chars) saying what a result series is and of which source series.
+
+    "AI lung segmentation (lung-seg 1.0), series 3: ThoraxRoutine 8.0.0 B40f": when several series of
+    one study are analysed, each result series names its own source; the source's description is what
+    gives way to the 64-character limit, never the model or the series number.
+    """
+    text = f"AI {what} ({model.name} {model.version})"
+    return (f"{text}, {source_label}" if source_label else text)[:64]
+
+
+def source_series_label(source: Dataset) -> str:
+    """``series 3: ThoraxRoutine 8.0.0 B40f`` for a source series (its number and description), or ""."""
+    number = source.get("SeriesNumber")
+    description = " ".join(str(source.get("SeriesDescription", "") or "").split())
+    if number in (None, ""):
+        return f"series {description}" if description else ""
+    return f"series {number}: {description}" if description else f"series {number}"
+
+
+#: Last two digits of a result series' number, by kind: series 3's results are 391 (SEG), 392 (SR), 393 (SC).
+RESULT_SERIES_SUFFIX = {"seg": 91, "sr": 92, "sc": 93}
+
+
+def result_series_number(source: Dataset, kind: str) -> int:
+    """Series Number of a result series: distinct per source series, so that two analysed series of one
+    study do not collide, and near it in a viewer's series list (series N's results are N91-N93).
+
+    Without a usable source Series Number (absent, or beyond what IS holds) the results are 901-903.
+    """
+    suffix = RESULT_SERIES_SUFFIX[kind]
+    try:
+        number = int(source.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        return 900 + suffix % 10
+    return number * 100 + suffix if 0 <= number < 20_000_000 else 900 + suffix % 10

@@ -131,6 +131,7 @@ def _capture(
     series_number: int,
     instance_number: int,
     result_model,
+    source_label: str = "",
 ) -> hd.sc.SCImage:
     orientation = patient_orientation(volume, source)
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -148,7 +149,7 @@ def _capture(
         pixel_spacing=(float(volume.spacing_mm[1]), float(volume.spacing_mm[2])),  # type: ignore[arg-type]
         patient_orientation=orientation if all(orientation) else None,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=series_description(model_description, result_model),
+        series_description=series_description(model_description, result_model, source_label),
         manufacturer_model_name=equipment.model_name,
         software_versions=equipment.software_versions,
         device_serial_number=equipment.serial_number,
@@ -181,6 +182,7 @@ def make_secondary_captures(
     uids: ResultUids,
     *,
     series_number: int,
+    source_label: str = "",
 ) -> list[hd.sc.SCImage]:
     """The SC series of one result: one image per slice with a segment, or one per classified image."""
     volume = result.volume
@@ -215,6 +217,7 @@ def make_secondary_captures(
                     series_number,
                     len(out) + 1,
                     model,
+                    source_label,
                 )  # fmt: skip
             )
         return out
@@ -241,4 +244,4 @@ def make_secondary_captures(
         summary = f"Breast composition {result.category} - {result.category_code.meaning} (p = {probability:.2f})"
         what = "breast density overlay"
     burn_banner(rgb, [BANNER, f"{model.name} {model.version}: {summary}"])
-    return [_capture(rgb, volume, 0, source, equipment, what, uids, series_number, 1, model)]
+    return [_capture(rgb, volume, 0, source, equipment, what, uids, series_number, 1, model, source_label)]

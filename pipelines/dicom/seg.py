@@ -56,6 +56,7 @@ def make_segmentation(
     series_instance_uid: str,
     sop_instance_uid: str,
     series_number: int,
+    source_label: str = "",
     tracking_uids: dict[int, str],
     omit_empty_frames: bool = False,
 ) -> hd.seg.Segmentation:
@@ -83,7 +84,7 @@ def make_segmentation(
         software_versions=equipment.software_versions,
         device_serial_number=equipment.serial_number,
         omit_empty_frames=omit_empty_frames,
-        series_description=series_description(f"{_task_word(result)} segmentation", result.model),
+        series_description=series_description(f"{_task_word(result)} segmentation", result.model, source_label),
         content_label="AI_SEGMENTATION",
         content_description=f"{result.model.name} {result.model.version}"[:64],
     )

@@ -279,6 +279,7 @@ def make_report(
     *,
     seg: Dataset | None = None,
     series_number: int,
+    source_label: str = "",
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 report of one result, as a Comprehensive 3D SR in the source study.
 
@@ -318,7 +319,7 @@ def make_report(
         is_final=False,
         is_verified=False,
         institution_name=equipment.institution_name,
-        series_description=series_description(_what(result), result.model),
+        series_description=series_description(_what(result), result.model, source_label),
         manufacturer_model_name=equipment.model_name,
         software_versions=equipment.software_versions,
         device_serial_number=equipment.serial_number,
