@@ -23,22 +23,14 @@ from onnx_models.training.xray_phantom import make_xray_phantom
 from tests.support.cli import ainode, write_config
 from tests.support.dicom import CR_IMAGE_STORAGE, radiograph_file
 from tests.support.inprocess import start_receiver
-from tests.support.nodeproc import NodeProcess
-from tests.support.peers import echoscu, free_port, storescu
+from tests.support.nodeproc import NodeProcess, node_section
+from tests.support.peers import echoscu, storescu
 from tests.support.waiting import wait_for
 
 
 def _node_config(tmp_path: Path, **node: object) -> dict:
     return {
-        "node": {
-            "ae_title": "AINODE",
-            "host": "127.0.0.1",
-            "port": free_port(),
-            "spool_dir": str(tmp_path / "spool"),
-            "database_url": f"sqlite:///{tmp_path}/node.db",
-            "workers": 1,
-            **node,
-        },
+        "node": node_section(tmp_path, **node),
         "routes": [],
     }
 

@@ -17,8 +17,8 @@ import yaml
 from pydicom.data import get_testdata_file
 
 from tests.support.cli import ainode, status
-from tests.support.nodeproc import NodeProcess
-from tests.support.peers import StoreSCP, free_port, storescu
+from tests.support.nodeproc import NodeProcess, node_section
+from tests.support.peers import StoreSCP, storescu
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.dcmtk]
@@ -28,14 +28,7 @@ SENDER_AE = "CT1"
 
 def config_without_peers(tmp_path: Path) -> dict:
     return {
-        "node": {
-            "ae_title": "AINODE",
-            "host": "127.0.0.1",
-            "port": free_port(),
-            "spool_dir": str(tmp_path / "spool"),
-            "database_url": f"sqlite:///{tmp_path}/node.db",
-            "workers": 1,
-        },
+        "node": node_section(tmp_path),
         "peers": {},
         "routes": [
             {

@@ -18,22 +18,27 @@ from tests.support import REPO
 from tests.support.peers import OrthancServer, free_port
 
 
+def node_section(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    """The ``node`` section of a test node: AE AINODE on a free loopback port, spool and SQLite in ``tmp_path``."""
+    return {
+        "ae_title": "AINODE",
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "spool_dir": str(tmp_path / "spool"),
+        "database_url": f"sqlite:///{tmp_path}/node.db",
+        "workers": 1,
+        **overrides,
+    }
+
+
 def node_config(tmp_path: Path, orthanc: OrthancServer, **overrides: Any) -> dict[str, Any]:
     """A node on a free port, its spool and SQLite database in ``tmp_path``, results (sc) to ``orthanc``.
 
     One route: CT studies, quiet for 1 s, go to the tests' ``thumbnail`` pipeline. ``overrides``
     update a section (a dict) or replace it.
     """
-    port = free_port()
     config: dict[str, Any] = {
-        "node": {
-            "ae_title": "AINODE",
-            "host": "127.0.0.1",
-            "port": port,
-            "spool_dir": str(tmp_path / "spool"),
-            "database_url": f"sqlite:///{tmp_path}/node.db",
-            "workers": 1,
-        },
+        "node": node_section(tmp_path),
         "peers": {
             "pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port, "outputs": ["sc"]},
         },

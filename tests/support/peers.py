@@ -31,6 +31,18 @@ DCIODVFY = Path("/usr/bin/dciodvfy")
 OJPH_COMPRESS = Path("/usr/bin/ojph_compress")  # Debian openjph-tools
 
 
+def stop_own_process(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
+    """Stop a server this test process started (its own session's group, never one found by name)."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -210,13 +222,7 @@ class OrthancServer:
         raise TimeoutError("Orthanc did not answer its REST API")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_own_process(self.proc, signal.SIGTERM)
         self.proc = None
 
     def __enter__(self) -> OrthancServer:
@@ -344,13 +350,7 @@ class PostgresServer:
         return self.url_for(name)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)  # fast shutdown
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_own_process(self.proc, signal.SIGINT)  # PostgreSQL: SIGINT is its fast shutdown
         self.proc = None
 
     def cleanup(self) -> None:
