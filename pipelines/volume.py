@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,23 @@ from pipelines.notanalysed import NotAnalysable, NotAnalysedReason
 
 #: Photometric interpretations a single-channel pipeline can use.
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+
+
+class InPlaneSpacing(str, Enum):
+    """Where a volume's row and column spacing came from, and so what a length measured on it means."""
+
+    #: Pixel Spacing (or the Pixel Measures functional group): millimetres in the patient.
+    PATIENT = "PixelSpacing"
+    #: Imager Pixel Spacing only (projection radiographs): millimetres at the detector, not corrected for
+    #: the geometric magnification of the patient (PS3.3 C.8.11.7.1.1); lengths are slightly too large.
+    DETECTOR = "ImagerPixelSpacing"
+    #: No valid spacing (absent, zero, negative or not a number): the volume's spacing is one pixel, lengths
+    #: and areas in millimetres are unknown and must not be written.
+    UNKNOWN = "unknown"
+
+    @property
+    def known(self) -> bool:
+        return self is not InPlaneSpacing.UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,8 @@ class Volume:
     series_instance_uid: str
     frame_of_reference_uid: str | None
     modality: str
+    #: Where ``spacing_mm[1:]`` came from; when UNKNOWN they are 1.0 (pixel units) and nothing in mm is valid.
+    in_plane_spacing: InPlaneSpacing = InPlaneSpacing.PATIENT
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -91,7 +111,8 @@ class _Frame:
     frame_index: int | None  # 0-based index into a multi-frame object, None for single frame
     position: np.ndarray | None
     orientation: np.ndarray | None
-    pixel_spacing: tuple[float, float]
+    pixel_spacing: tuple[float, float] | None
+    spacing_source: InPlaneSpacing
     slope: float
     intercept: float
 
@@ -116,8 +137,11 @@ def _group(ds: Dataset, index: int, seq: str, attr: str) -> object | None:
 def _spacing(value: object | None) -> tuple[float, float] | None:
     if value is None:
         return None
-    vals = [float(v) for v in value]  # type: ignore[attr-defined]
-    return (vals[0], vals[1]) if len(vals) == 2 and min(vals) > 0 else None
+    numbers = _floats(value, 2)
+    # 0\\0, negative, NaN or infinite spacings occur in real headers: they give no spacing at all.
+    if numbers is None or not np.all(np.isfinite(numbers)) or numbers.min() <= 0:
+        return None
+    return (float(numbers[0]), float(numbers[1]))
 
 
 def _floats(value: object | None, count: int) -> np.ndarray | None:
@@ -142,12 +166,15 @@ def _frames(ds: Dataset) -> list[_Frame]:
             pos = _group(ds, i, "PlanePositionSequence", "ImagePositionPatient")
             ori = _group(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient")
             spacing = _spacing(_group(ds, i, "PixelMeasuresSequence", "PixelSpacing"))
+            source = InPlaneSpacing.PATIENT
             slope = _group(ds, i, "PixelValueTransformationSequence", "RescaleSlope")
             intercept = _group(ds, i, "PixelValueTransformationSequence", "RescaleIntercept")
         else:
             pos = ds.get("ImagePositionPatient") if n == 1 else None
             ori = ds.get("ImageOrientationPatient")
-            spacing = _spacing(ds.get("PixelSpacing")) or _spacing(ds.get("ImagerPixelSpacing"))
+            spacing, source = _spacing(ds.get("PixelSpacing")), InPlaneSpacing.PATIENT
+            if spacing is None:
+                spacing, source = _spacing(ds.get("ImagerPixelSpacing")), InPlaneSpacing.DETECTOR
             slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
         frames.append(
             _Frame(
@@ -155,7 +182,8 @@ def _frames(ds: Dataset) -> list[_Frame]:
                 frame_index=i if n > 1 else None,
                 position=_floats(pos, 3),
                 orientation=_floats(ori, 6),
-                pixel_spacing=spacing or (1.0, 1.0),
+                pixel_spacing=spacing,
+                spacing_source=source if spacing is not None else InPlaneSpacing.UNKNOWN,
                 # DS values (pydicom DSfloat / str); a value float() refuses is a broken header, raised as is.
                 slope=float(slope) if slope not in (None, "") else 1.0,  # type: ignore[arg-type]
                 intercept=float(intercept) if intercept not in (None, "") else 0.0,  # type: ignore[arg-type]
@@ -394,10 +422,11 @@ def load_volume(
     _show_monochrome1_as_monochrome2(items, pixels)
     frame_ref = first.get("FrameOfReferenceUID")
     ordered = placement.frames
+    spacing_rc = ordered[0].pixel_spacing or (1.0, 1.0)
     return Volume(
         pixels=pixels,
         origin_mm=placement.origin,
-        spacing_mm=(placement.step, ordered[0].pixel_spacing[0], ordered[0].pixel_spacing[1]),
+        spacing_mm=(placement.step, spacing_rc[0], spacing_rc[1]),
         row_direction=placement.row_direction,
         column_direction=placement.column_direction,
         slice_direction=placement.normal,
@@ -413,4 +442,5 @@ def load_volume(
         series_instance_uid=str(first.SeriesInstanceUID),
         frame_of_reference_uid=str(frame_ref) if frame_ref else None,
         modality=str(first.get("Modality", "")),
+        in_plane_spacing=ordered[0].spacing_source,
     )

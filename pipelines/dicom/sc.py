@@ -19,6 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage as ndi
 
 from pipelines.dicom.air import Equipment, add_air_attributes, series_description
+from pipelines.dicom.colours import HOT_SPOT_COLOUR, PALETTE, segment_colour
 from pipelines.dicom.source import header_copy
 from pipelines.dicom.uids import ResultUids
 from pipelines.enums import ResultKind
@@ -26,9 +27,6 @@ from pipelines.results import ClassificationResult, DensityResult, SegmentationR
 from pipelines.volume import Volume
 
 BANNER = "AI result - not for diagnostic use"
-#: Outline colours of segments 1, 2, 3, ... (RGB), distinguishable on grey.
-PALETTE = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (0, 220, 120), (220, 80, 255), (255, 140, 0)]
-HOT_SPOT_COLOUR = (255, 255, 0)
 
 
 def grey_image(pixels: np.ndarray, source: Dataset) -> np.ndarray:
@@ -202,7 +200,7 @@ def make_secondary_captures(
             for s in present:
                 mask = result.labelmap[index] == s.number
                 if mask.any():
-                    burn_outline(rgb, mask, PALETTE[(s.number - 1) % len(PALETTE)])
+                    burn_outline(rgb, mask, segment_colour(s.number))
                     names.append(s.label)
             burn_banner(rgb, [BANNER, f"{model.name} {model.version}: {', '.join(names)}"])
             out.append(
