@@ -23,6 +23,14 @@ class NotAnalysedReason(str, Enum):
     INCONSISTENT_GEOMETRY = "inconsistent-geometry"
     UNDECODABLE = "undecodable-pixel-data"
     WRONG_MODALITY = "wrong-modality"
+    #: No valid Pixel Spacing where a pipeline measures in millimetres (absent, 0\\0, negative, not a number).
+    UNKNOWN_PIXEL_SPACING = "unknown-pixel-spacing"
+    #: Rescale Slope / Intercept (or another value the pixels are computed from) not a finite number.
+    INVALID_PIXEL_VALUES = "invalid-pixel-values"
+    #: The instances of one study name more than one patient: no result may carry a patient some sources lack.
+    PATIENT_MISMATCH = "patient-mismatch"
+    #: The input lies outside what the model's manifest says it was validated on (the measured value and bound).
+    OUTSIDE_VALIDATED_DOMAIN = "outside-validated-domain"
 
 
 @dataclass(frozen=True)
