@@ -286,10 +286,16 @@ def segment(
     Raises
     ------
     NotAnalysable
-        Wrong modality, no pixels, or slices that are not axial.
+        Wrong modality, no pixels, slices that are not axial, or no valid pixel spacing.
     """
     manifest = model.manifest
     check_modality(manifest, volume)
+    if not volume.in_plane_spacing.known:
+        # Volumes in mL and areas in mm2 need it; assuming 1 mm turned a 0\\0 spacing into 3,571 mL of lung.
+        raise NotAnalysable(
+            NotAnalysedReason.UNKNOWN_PIXEL_SPACING,
+            f"model {manifest.name} measures in millimetres; the series has no valid Pixel Spacing",
+        )
     labelmap = infer_labelmap(model, volume, batch_size, timings)
     clock = _Stopwatch(timings)
     postprocess(labelmap, manifest, (float(volume.spacing_mm[1]), float(volume.spacing_mm[2])))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from pydicom import Dataset, dcmread
 
 from pipelines.enums import ResultKind, Task, result_kind
-from pipelines.notanalysed import NotAnalysable, NotAnalysed
+from pipelines.notanalysed import NotAnalysable, NotAnalysed, NotAnalysedReason
 from pipelines.select import Candidate, rank_series, select_series, usable_instances
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ __all__ = [
     "DEFER_BYTES",
     "OnnxStudyRunner",
     "ResultKind",
+    "ResultsNotBuilt",
     "RunOutcome",
     "StudyRunner",
     "describe_selection",
@@ -55,6 +56,38 @@ class RunOutcome:
     model_s: float | None = None
     #: Which series the pipeline took and why each other was skipped (UIDs, series numbers and descriptions).
     selection: str | None = None
+    #: Output kinds that could not be built, each with its one-line reason; the others are in ``datasets``.
+    failed_outputs: dict[str, str] = field(default_factory=dict)
+
+
+class ResultsNotBuilt(Exception):
+    """No wanted result object could be built; the message names each kind and why."""
+
+
+#: The attributes that identify a patient (Patient Module): every source of one result must agree on them.
+PATIENT_IDENTITY = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate")
+
+
+def patient_mismatch(headers: Mapping[str, Sequence[Dataset]]) -> str | None:
+    """Which identifying attribute differs between the instances of one study, or None when they agree.
+
+    The answer names the attribute and how many distinct values it has, never the values (they identify
+    the patient). Absent and empty are the same value. Patient ID must be the same in every instance, empty
+    or not; the issuer, name and birth date must not have two different non-empty values (an object made
+    by another system, a key object say, often leaves them empty).
+    """
+    for keyword in PATIENT_IDENTITY:
+        values = {str(ds.get(keyword, "") or "").strip() for series in headers.values() for ds in series}
+        if keyword != "PatientID":
+            values.discard("")
+        if len(values) > 1:
+            return f"the study's instances carry {len(values)} different {keyword} values; nothing is analysed or sent"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
 class StudyRunner(Protocol):
@@ -163,7 +196,7 @@ class OnnxStudyRunner:
     def run(
         self, pipeline: str, series_files: Mapping[str, Sequence[Path]], outputs: Iterable[ResultKind | str]
     ) -> RunOutcome:
-        from pipelines.dicom import write_results
+        from pipelines.dicom import write_each
         from pipelines.volume import load_volume
 
         wanted = sorted({ResultKind(o) for o in outputs})
@@ -172,6 +205,10 @@ class OnnxStudyRunner:
         # One parse per file: pixel data is deferred (read from the file when the volume is built), so the
         # headers that selection reads are the datasets that are then loaded.
         headers = {uid: [dcmread(p, defer_size=DEFER_BYTES) for p in paths] for uid, paths in series_files.items()}
+        mismatch = patient_mismatch(headers)
+        if mismatch is not None:
+            # A result carries the patient of its sources: with two patients in one study it would be wrong for one.
+            return RunOutcome(not_analysed=str(NotAnalysed(NotAnalysedReason.PATIENT_MISMATCH, mismatch)))
         modalities = list(manifest.modalities)
         candidates, rejected = rank_series(headers, task=manifest.task, modalities=modalities)
         selection = describe_selection(headers, candidates, rejected)
@@ -192,5 +229,8 @@ class OnnxStudyRunner:
         model_s = time.monotonic() - t0
         if isinstance(result, NotAnalysed):
             return RunOutcome(not_analysed=str(result), model_s=model_s, selection=selection)
-        objects = write_results(result, datasets, self.equipment, wanted, omit_empty_frames=self.omit_empty_frames)
-        return RunOutcome(datasets=list(objects), model_s=model_s, selection=selection)
+        written = write_each(result, datasets, self.equipment, wanted, omit_empty_frames=self.omit_empty_frames)
+        failed = {kind.value: _one_line(exc) for kind, exc in written.failed.items()}
+        if not written.datasets and failed:
+            raise ResultsNotBuilt("; ".join(f"{kind} not built: {why}" for kind, why in failed.items()))
+        return RunOutcome(datasets=written.datasets, model_s=model_s, selection=selection, failed_outputs=failed)

@@ -5,8 +5,10 @@ Position (Patient) on the cross product of the two direction cosines of Image Or
 (Patient), PS3.3 C.7.6.2.1.1), never by InstanceNumber, which scanners number in either
 direction or restart. Pixel values are brought to modality units (Rescale Slope/Intercept,
 or the Pixel Value Transformation of enhanced objects) and MONOCHROME1 is inverted so that
-brighter always means more attenuation. Multi-frame objects (enhanced CT/MR with functional
-groups, multi-frame projection images) give one slice per frame.
+brighter always means more attenuation, except on quantitative images (CT): there Photometric
+Interpretation is only a display instruction and Hounsfield units stay as they are. Multi-frame
+objects (enhanced CT/MR with functional groups, multi-frame projection images) give one slice per
+frame.
 
 Unsuitable input raises :class:`~pipelines.notanalysed.NotAnalysable` with a specific reason.
 """
@@ -120,7 +122,7 @@ class _Frame:
 def _first(seq_owner: Dataset | None, seq: str, attr: str) -> object | None:
     if seq_owner is None or seq not in seq_owner or not seq_owner[seq].value:
         return None
-    return seq_owner[seq].value[0].get(attr)
+    return _get(seq_owner[seq].value[0], attr)
 
 
 def _group(ds: Dataset, index: int, seq: str, attr: str) -> object | None:
@@ -155,6 +157,35 @@ def _floats(value: object | None, count: int) -> np.ndarray | None:
         return None
 
 
+def _rescale(ds: Dataset, keyword: str, value: object | None, default: float) -> float:
+    """A Rescale Slope or Intercept as a number; not a finite number (a slope not above 0) refuses the input.
+
+    "NaN" or a non-numeric slope would turn every voxel into nonsense that a pipeline still measures: a CT
+    with a NaN slope came back as lungs of 0.0 mL.
+    """
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number) or (keyword == "RescaleSlope" and number <= 0):
+        raise NotAnalysable(
+            NotAnalysedReason.INVALID_PIXEL_VALUES,
+            f"{keyword} of {ds.get('SOPInstanceUID')} is not a finite"
+            f"{' positive' if keyword == 'RescaleSlope' else ''} number",
+        )
+    return number
+
+
+def _get(ds: Dataset, keyword: str) -> object | None:
+    """An attribute's value, or ``"invalid"`` when pydicom cannot convert it (a DS of "abc" raises on access)."""
+    try:
+        return ds.get(keyword)
+    except (TypeError, ValueError, OverflowError):
+        return "invalid"
+
+
 def _frames(ds: Dataset) -> list[_Frame]:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise NotAnalysable(NotAnalysedReason.MISSING_PIXEL_DATA, f"instance {ds.get('SOPInstanceUID')} has no pixels")
@@ -170,12 +201,12 @@ def _frames(ds: Dataset) -> list[_Frame]:
             slope = _group(ds, i, "PixelValueTransformationSequence", "RescaleSlope")
             intercept = _group(ds, i, "PixelValueTransformationSequence", "RescaleIntercept")
         else:
-            pos = ds.get("ImagePositionPatient") if n == 1 else None
-            ori = ds.get("ImageOrientationPatient")
-            spacing, source = _spacing(ds.get("PixelSpacing")), InPlaneSpacing.PATIENT
+            pos = _get(ds, "ImagePositionPatient") if n == 1 else None
+            ori = _get(ds, "ImageOrientationPatient")
+            spacing, source = _spacing(_get(ds, "PixelSpacing")), InPlaneSpacing.PATIENT
             if spacing is None:
-                spacing, source = _spacing(ds.get("ImagerPixelSpacing")), InPlaneSpacing.DETECTOR
-            slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+                spacing, source = _spacing(_get(ds, "ImagerPixelSpacing")), InPlaneSpacing.DETECTOR
+            slope, intercept = _get(ds, "RescaleSlope"), _get(ds, "RescaleIntercept")
         frames.append(
             _Frame(
                 ds=ds,
@@ -184,9 +215,8 @@ def _frames(ds: Dataset) -> list[_Frame]:
                 orientation=_floats(ori, 6),
                 pixel_spacing=spacing,
                 spacing_source=source if spacing is not None else InPlaneSpacing.UNKNOWN,
-                # DS values (pydicom DSfloat / str); a value float() refuses is a broken header, raised as is.
-                slope=float(slope) if slope not in (None, "") else 1.0,  # type: ignore[arg-type]
-                intercept=float(intercept) if intercept not in (None, "") else 0.0,  # type: ignore[arg-type]
+                slope=_rescale(ds, "RescaleSlope", slope, 1.0),
+                intercept=_rescale(ds, "RescaleIntercept", intercept, 0.0),
             )
         )
     return frames
@@ -219,7 +249,7 @@ def _value_dtype(frames: Sequence[_Frame]) -> type[np.generic]:
         ds = f.ds
         if "PixelData" not in ds or f.slope != 1.0 or not float(f.intercept).is_integer():
             return np.float32
-        if str(ds.get("PhotometricInterpretation", "")).strip() != "MONOCHROME2":
+        if str(ds.get("PhotometricInterpretation", "")).strip() not in GRAYSCALE or inverted_on_load(ds):
             return np.float32
         bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 0)
         if not 1 <= bits <= 16:
@@ -382,9 +412,24 @@ def _decode_slices(items: Sequence[Dataset], frames: Sequence[_Frame], rows: int
     return pixels
 
 
+def _quantitative(ds: Dataset) -> bool:
+    """Pixel values in a physical unit (CT Hounsfield units, or a Rescale Type that names a unit)."""
+    rescale_type = str(ds.get("RescaleType", "") or "").strip().upper()
+    return str(ds.get("Modality", "")).strip() == "CT" or rescale_type in ("HU", "MGML", "BQML", "CNTS")
+
+
+def inverted_on_load(ds: Dataset) -> bool:
+    """MONOCHROME1 that the loader inverts: on a quantitative image it is only a display instruction."""
+    return str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1" and not _quantitative(ds)
+
+
 def _show_monochrome1_as_monochrome2(items: Sequence[Dataset], pixels: np.ndarray) -> None:
-    """MONOCHROME1 (the minimum value is white): invert in place, so that higher values are always brighter."""
-    if any(str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1" for ds in items):
+    """MONOCHROME1 (the minimum value is white): invert in place, so that higher values are always brighter.
+
+    Not on quantitative images: Photometric Interpretation tells a display how to map values to grey, it
+    never changes Hounsfield units (a CT marked MONOCHROME1 and inverted came back as lungs of 0.6 mL).
+    """
+    if any(inverted_on_load(ds) for ds in items):
         # Around the stored range, as the models were trained.
         lo, hi = float(pixels.min()), float(pixels.max())
         np.subtract(hi + lo, pixels, out=pixels)

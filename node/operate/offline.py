@@ -86,6 +86,9 @@ def run_offline(
                 ds.save_as(path, enforce_file_format=True)
                 written += 1
                 print(f"study {study_uid}: pipeline {name} ({why}): wrote {path} ({ds.get('SeriesDescription', '')})")
+            for kind, reason in outcome.failed_outputs.items():
+                print(f"study {study_uid}: pipeline {name} ({why}): {kind} not built: {reason}")
+                failures += 1
     if failures:
         return EXIT_FAILED
     if not written:

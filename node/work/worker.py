@@ -184,7 +184,9 @@ class Worker:
                     set_delivery_state(delivery, DeliveryState.WAITING, f"waiting for a peer: {why}", now)
             if remade:
                 log.info("job %d: %d result objects made again with the same UIDs; sending them again", job.id, remade)
-            reason = "; ".join(f"destination {n} waits for a peer: {w}" for n, w in unresolved) or None
+            notes = [f"{kind} not built: {why}" for kind, why in outcome.failed_outputs.items()]
+            notes += [f"destination {n} waits for a peer: {w}" for n, w in unresolved]
+            reason = "; ".join(notes) or None
             self._set_finished(session, row, JobState.DONE, reason, time.monotonic() - started, outcome.model_s)
         kinds = ",".join(sorted({k for _, _, k in stored}))
         log.info(
@@ -195,6 +197,8 @@ class Worker:
             kinds or "none",
             ",".join(d.name for d in destinations) or "no destination",
         )
+        for failed, why in outcome.failed_outputs.items():
+            log.warning("job %d study %s: %s not built (the others are sent): %s", job.id, study_uid, failed, why)
         for name, why in unresolved:
             log.warning("job %d: results for destination %s wait for a peer: %s", job.id, name, why)
 

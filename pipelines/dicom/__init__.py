@@ -11,6 +11,7 @@ Every object stays in the source study, in a new series, with UIDs fixed here (:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
@@ -24,15 +25,28 @@ from pipelines.enums import SR_CLASSES, ResultKind, result_kind
 from pipelines.results import PipelineResult, SegmentationResult
 
 
-def write_results(
+@dataclass
+class WrittenResults:
+    """The objects of one result that could be built, and why each other kind could not."""
+
+    #: Complete objects in the order they should be sent (SEG before the SR that cites it).
+    datasets: list[Dataset] = field(default_factory=list)
+    #: Each output kind that could not be built, with the exception that stopped it.
+    failed: dict[ResultKind, Exception] = field(default_factory=dict)
+
+
+def write_each(
     result: PipelineResult,
     datasets: Sequence[Dataset],
     equipment: Equipment,
     outputs: Iterable[ResultKind | str],
     *,
     omit_empty_frames: bool = False,
-) -> list[Dataset]:
-    """The DICOM objects of one result, in the order they should be sent (SEG before the SR that cites it).
+) -> WrittenResults:
+    """Build each wanted kind of result object on its own: one kind's failure does not lose the others.
+
+    A radiograph whose Secondary Capture cannot be built still gets its SR. Only a segmentation's SR
+    depends on another object (it cites the SEG): when the SEG fails, so does that SR, saying why.
 
     Parameters
     ----------
@@ -56,32 +70,66 @@ def write_results(
 
     uids = ResultUids.for_result(result.model, result.volume)
     sources = ordered_sources(result.volume, datasets)
-    out: list[Dataset] = []
+    written = WrittenResults()
     seg = None
+    segmentation = isinstance(result, SegmentationResult)
     if isinstance(result, SegmentationResult) and wanted & {ResultKind.SEG, ResultKind.SR}:
-        seg = make_segmentation(
-            result,
-            sources,
-            equipment,
-            series_instance_uid=uids.series(ResultKind.SEG),
-            sop_instance_uid=uids.instance(ResultKind.SEG),
-            series_number=number(ResultKind.SEG),
-            source_label=label,
-            tracking_uids={s.number: uids.tracking(s.number) for s in result.segments},
-            omit_empty_frames=omit_empty_frames,
-        )
-        out.append(seg)
-    if ResultKind.SR in wanted:
-        out.append(
-            make_report(
-                result, sources, equipment, uids, seg=seg, series_number=number(ResultKind.SR), source_label=label
+        try:
+            seg = make_segmentation(
+                result,
+                sources,
+                equipment,
+                series_instance_uid=uids.series(ResultKind.SEG),
+                sop_instance_uid=uids.instance(ResultKind.SEG),
+                series_number=number(ResultKind.SEG),
+                source_label=label,
+                tracking_uids={s.number: uids.tracking(s.number) for s in result.segments},
+                omit_empty_frames=omit_empty_frames,
             )
-        )
+            written.datasets.append(seg)
+        except Exception as exc:  # recorded with the job; the other kinds are still built
+            written.failed[ResultKind.SEG] = exc
+    if ResultKind.SR in wanted:
+        try:
+            if segmentation and seg is None:
+                cause = written.failed[ResultKind.SEG]
+                first_line = (str(cause).splitlines() or [""])[0]
+                raise ValueError(
+                    f"the SR cites the SEG, which could not be built ({type(cause).__name__}: {first_line})"
+                )
+            written.datasets.append(
+                make_report(
+                    result, sources, equipment, uids, seg=seg, series_number=number(ResultKind.SR), source_label=label
+                )
+            )
+        except Exception as exc:
+            written.failed[ResultKind.SR] = exc
     if ResultKind.SC in wanted:
-        out += make_secondary_captures(
-            result, datasets, equipment, uids, series_number=number(ResultKind.SC), source_label=label
-        )
-    return out
+        try:
+            written.datasets += make_secondary_captures(
+                result, datasets, equipment, uids, series_number=number(ResultKind.SC), source_label=label
+            )
+        except Exception as exc:
+            written.failed[ResultKind.SC] = exc
+    if ResultKind.SEG in written.failed and ResultKind.SEG not in wanted and ResultKind.SR in written.failed:
+        # The SEG was made only for the SR to cite: its failure is the SR's, reported once.
+        del written.failed[ResultKind.SEG]
+    return written
 
 
-__all__ = ["Equipment", "SR_CLASSES", "ResultUids", "result_kind", "write_results"]
+def write_results(
+    result: PipelineResult,
+    datasets: Sequence[Dataset],
+    equipment: Equipment,
+    outputs: Iterable[ResultKind | str],
+    *,
+    omit_empty_frames: bool = False,
+) -> list[Dataset]:
+    """Like :func:`write_each`, but all or nothing: the first kind that cannot be built raises its exception."""
+    written = write_each(result, datasets, equipment, outputs, omit_empty_frames=omit_empty_frames)
+    for exc in written.failed.values():
+        raise exc
+    return written.datasets
+
+
+__all__ = ["Equipment", "SR_CLASSES", "ResultUids", "WrittenResults", "result_kind", "write_each", "write_results"]

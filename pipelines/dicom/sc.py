@@ -24,7 +24,7 @@ from pipelines.dicom.source import header_copy
 from pipelines.dicom.uids import ResultUids
 from pipelines.enums import ResultKind
 from pipelines.results import ClassificationResult, DensityResult, SegmentationResult
-from pipelines.volume import Volume
+from pipelines.volume import InPlaneSpacing, Volume, inverted_on_load
 
 BANNER = "AI result - not for diagnostic use"
 
@@ -35,7 +35,7 @@ def grey_image(pixels: np.ndarray, source: Dataset) -> np.ndarray:
     if center is not None and width is not None:
         center = float(center[0] if isinstance(center, Sequence) and not isinstance(center, str) else center)
         width = float(width[0] if isinstance(width, Sequence) and not isinstance(width, str) else width)
-        if str(source.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        if inverted_on_load(source):
             center, width = None, None  # the window is in inverted units; the volume is not
     if center is None or width is None or width <= 0:
         low, high = (float(v) for v in np.percentile(pixels, [1, 99]))
@@ -132,6 +132,11 @@ def _capture(
     source_label: str = "",
 ) -> hd.sc.SCImage:
     orientation = patient_orientation(volume, source)
+    oriented = all(orientation)
+    # Pixel Spacing is written only as the source gives it (in the patient). Imager Pixel Spacing is at the
+    # detector, and an unknown spacing (absent, 0\\0) is unknown: an invented 1 mm would make every length a
+    # viewer measures on the SC wrong.
+    spacing = volume.spacing_mm[1:] if volume.in_plane_spacing is InPlaneSpacing.PATIENT else None
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header_copy(source),
         pixel_array=rgb,
@@ -144,8 +149,11 @@ def _capture(
         instance_number=instance_number,
         manufacturer=equipment.manufacturer,
         # highdicom annotates pixel_spacing as ints; PS3.3 C.8.6.2 Nominal Scanned Pixel Spacing is DS (mm).
-        pixel_spacing=(float(volume.spacing_mm[1]), float(volume.spacing_mm[2])),  # type: ignore[arg-type]
-        patient_orientation=orientation if all(orientation) else None,
+        pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),  # type: ignore[arg-type]
+        # highdicom's SC knows only the PATIENT and SLIDE coordinate systems and wants an orientation for PATIENT;
+        # radiographs often lack Patient Orientation (Type 2C, absent on many CR/DX). Then a placeholder goes in
+        # here and Patient Orientation is written empty (unknown) right below, before anyone sees the object.
+        patient_orientation=orientation if oriented else ("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=series_description(model_description, result_model, source_label),
         manufacturer_model_name=equipment.model_name,
@@ -153,6 +161,8 @@ def _capture(
         device_serial_number=equipment.serial_number,
         institution_name=equipment.institution_name,
     )
+    if not oriented:
+        sc.PatientOrientation = []  # empty; General Image, Type 2C: required without Image Orientation (Patient)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     # General Series Laterality is Type 2C (paired body parts); dciodvfy wants it present, empty when unknown.
