@@ -149,3 +149,20 @@ def test_config_can_omit_empty_seg_frames(ct_dir: Path, tmp_path: Path):
     (seg,) = written(tmp_path / "out")["SEG"]
     # 30 slices x 2 lungs when every frame is written; the slices above and below a lung are left out.
     assert 30 <= seg.NumberOfFrames < 60
+
+
+def test_a_study_uid_that_is_a_path_cannot_write_outside_the_output_folder(tmp_path: Path):
+    image = make_xray_phantom(np.random.default_rng(3), opacity=True).image
+    source = tmp_path / "in" / "cr.dcm"
+    source.parent.mkdir()
+    radiograph_file(source, image, "CR", CR_IMAGE_STORAGE, BodyPartExamined="CHEST", ViewPosition="PA")
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID = "../../../escape-offline"
+    ds.save_as(source)
+    out = tmp_path / "deep" / "er" / "out"
+
+    run = ainode_run(source, "--out", out)
+
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "not a valid DICOM UID" in run.stderr
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and p != source] == []

@@ -22,6 +22,7 @@ from node.assemble.router import Router
 from node.config import Config
 from node.identity import MANUFACTURER, device_uid
 from node.models import study_runner_from_config
+from node.receive.spool import valid_uid
 from pipelines.study import ResultKind, StudyRunner
 
 EXIT_FAILED = 1
@@ -35,10 +36,17 @@ def _studies(files: list[Path]) -> tuple[dict[str, dict[str, list[Path]]], int]:
     for f in files:
         try:
             ds = dcmread(f, stop_before_pixels=True)
-            studies[str(ds.StudyInstanceUID)][str(ds.SeriesInstanceUID)].append(f)
+            study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
         except Exception as exc:
             print(f"{f}: not a readable DICOM file ({type(exc).__name__})", file=sys.stderr)
             unreadable += 1
+            continue
+        # The study UID names the output folder: the spool's UID rule keeps "../../x" from leaving --out.
+        if not (valid_uid(study_uid) and valid_uid(series_uid)):
+            print(f"{f}: Study or Series Instance UID is not a valid DICOM UID; file skipped", file=sys.stderr)
+            unreadable += 1
+            continue
+        studies[study_uid][series_uid].append(f)
     return studies, unreadable
 
 
