@@ -27,6 +27,7 @@ from pydicom import Dataset, dcmread
 from pydicom.pixels import pixel_array
 
 from pipelines.notanalysed import NotAnalysable, NotAnalysedReason
+from pipelines.pixeldata import pixel_data_problem
 
 #: Photometric interpretations a single-channel pipeline can use.
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
@@ -189,6 +190,12 @@ def _get(ds: Dataset, keyword: str) -> object | None:
 def _frames(ds: Dataset) -> list[_Frame]:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise NotAnalysable(NotAnalysedReason.MISSING_PIXEL_DATA, f"instance {ds.get('SOPInstanceUID')} has no pixels")
+    damaged = pixel_data_problem(ds)
+    if damaged is not None:
+        # Before any list or array is sized from the header's numbers (Number of Frames 2147483647 is real).
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", syntax)
+        raise NotAnalysable(NotAnalysedReason.UNDECODABLE, f"instance {ds.get('SOPInstanceUID')} ({name}): {damaged}")
     n = int(ds.get("NumberOfFrames", 1) or 1)
     frames = []
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pydicom import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -27,6 +27,7 @@ from db.models import Association as AssociationRow
 from db.models import Study, utcnow
 from node.receive.ingest import InstanceIndex, ReceivedInstance
 from node.receive.spool import Spool, SpoolError, valid_uid
+from pipelines.pixeldata import pixel_data_problem
 
 log = logging.getLogger("ainode.scp")
 
@@ -38,6 +39,20 @@ CANNOT_UNDERSTAND = 0xC000  # the dataset could not be parsed at all
 
 # An AE title can never contain a backslash (PS3.5 6.2), so this entry matches no caller.
 _NOBODY = "\\"
+
+
+def _uid_reaches_the_handler(value: object) -> tuple[bool, str]:
+    """pynetdicom's UID check for DIMSE messages, relaxed so that a malformed UID gets a status.
+
+    pynetdicom aborts the association (with a traceback in the log) when a request's Affected SOP
+    Instance UID is longer than 64 characters; the C-STORE handler answers such a request 0xA900
+    naming the UID as invalid, and the sender's other instances go on. Our own UIDs are valid.
+    """
+    return True, ""
+
+
+#: Attributes every composite instance has; a dataset with none of them is not one.
+_IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -173,6 +188,8 @@ class StorageSCP:
         self._states: dict[int, _AssocState] = {}
         self._lock = threading.Lock()
 
+        # pynetdicom's validators are process-wide by its design (pynetdicom._config.VALIDATORS).
+        _config.VALIDATORS["UI"] = _uid_reaches_the_handler
         ae = _NodeAE(ae_title=ae_title)
         ae.caller_policy = CallerPolicy(allowed_callers or [])
         ae.maximum_pdu_size = maximum_pdu_size
@@ -344,6 +361,10 @@ class StorageSCP:
                 transfer_syntax_uid=str(event.context.transfer_syntax),
             )
         except AttributeError as exc:
+            if not any(k in event.dataset for k in _IDENTIFYING):
+                # Not a composite instance at all (bytes that happen to decode): "cannot understand", not "mismatch".
+                log.warning("C-STORE %s refused: not a DICOM instance", request.AffectedSOPInstanceUID)
+                return _failure(CANNOT_UNDERSTAND, "dataset unreadable: no SOP, study or series identification")
             log.warning("C-STORE %s refused: %s", request.AffectedSOPInstanceUID, exc)
             return _failure(DATASET_MISMATCH, f"missing attribute: {exc}")
         except Exception as exc:  # pydicom raises many types for broken encodings
@@ -355,6 +376,17 @@ class StorageSCP:
         bad = [n for n, v in (("Study", study_uid), ("Series", series_uid), ("SOP", sop_uid)) if not valid_uid(v)]
         if bad:
             return _failure(DATASET_MISMATCH, f"invalid {'/'.join(bad)} Instance UID")
+        own_class = str(event.dataset.get("SOPClassUID", "") or "")
+        if own_class and own_class != inst.sop_class_uid:
+            # A CT sent on an MR context would be recorded (and routed) as MR.
+            log.warning("C-STORE %s refused: SOP Class mismatch", sop_uid)
+            return _failure(
+                DATASET_MISMATCH, f"SOP Class mismatch: the dataset is {own_class}, the request {inst.sop_class_uid}"
+            )
+        damaged = pixel_data_problem(event.dataset, inst.transfer_syntax_uid)
+        if damaged is not None:
+            log.warning("C-STORE %s refused: %s", sop_uid, damaged)
+            return _failure(DATASET_MISMATCH, damaged)
 
         relpath = Spool.instance_relpath(study_uid, series_uid, sop_uid)
         # event.dataset above was decoded from it: None only with pynetdicom's STORE_RECV_CHUNKED_DATASET,
