@@ -174,6 +174,7 @@ class NodeApp:
                 acse_timeout_s=node.acse_timeout_s,
                 dimse_timeout_s=node.dimse_timeout_s,
                 network_timeout_s=node.network_timeout_s,
+                duplicates=node.duplicates,
             )
             self.scp.start(node.host, node.port, listener)
         self._log_started(models)

@@ -91,6 +91,9 @@ class NodeSettings(_Strict):
     station_name: str | None = None
     institution_name: str | None = None
     late_instances: Literal["new-version", "ignore"] = "new-version"
+    #: A SOP Instance UID received again with changed content: keep the stored instance, or replace it.
+    #: Identical re-sends always succeed; a UID already kept in another study, series or patient is refused.
+    duplicates: Literal["keep-first", "replace"] = "keep-first"
     #: Received images are deleted this many days after their study's results were delivered; None: kept.
     retention_days: float | None = Field(None, gt=0)
     #: Maximum PDU size we receive (0 = unlimited, pynetdicom semantics).

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.engine import is_postgres
 from db.models import Instance, Series, Study, StudyState, UtcDateTime, utcnow
 from db.states import study_values
+from node.receive.duplicates import StoredInstance
 from node.receive.spool import Spool
 
 log = logging.getLogger("ainode.ingest")
@@ -90,8 +91,13 @@ _INSERT_INSTANCE = text(
     " ON CONFLICT (sop_instance_uid) DO NOTHING"
 ).bindparams(bindparam("received_at", type_=UtcDateTime()))
 _BUMP_STUDY = text(
-    "UPDATE studies SET last_received_at = :now, instance_count = instance_count + 1 WHERE id = :id"
+    "UPDATE studies SET last_received_at = :now, instance_count = instance_count + :added WHERE id = :id"
 ).bindparams(bindparam("now", type_=UtcDateTime()))
+_FIND_INSTANCE = text(
+    "SELECT i.path, i.transfer_syntax_uid, s.series_instance_uid, st.study_instance_uid, st.patient_id"
+    " FROM instances i JOIN series s ON s.id = i.series_id JOIN studies st ON st.id = s.study_id"
+    " WHERE i.sop_instance_uid = :uid"
+)
 
 
 #: How the duplicate line names a study's state (StudyState values other than "receiving").
@@ -188,6 +194,20 @@ class InstanceIndex:
             plural = "s" if count != 1 else ""
             log.info("study %s %s; %d duplicate instance%s ignored", study_uid, was, count, plural)
 
+    def find(self, sop_instance_uid: str) -> StoredInstance | None:
+        """The instance already kept under ``sop_instance_uid``, with its study, series and patient; or None."""
+        with self.sessions() as session:
+            row = session.execute(_FIND_INSTANCE, {"uid": sop_instance_uid}).first()
+        if row is None:
+            return None
+        return StoredInstance(
+            relpath=row.path,
+            study_instance_uid=row.study_instance_uid,
+            series_instance_uid=row.series_instance_uid,
+            patient_id=row.patient_id,
+            transfer_syntax_uid=row.transfer_syntax_uid,
+        )
+
     def record(
         self,
         inst: ReceivedInstance,
@@ -198,8 +218,13 @@ class InstanceIndex:
         calling_host: str | None,
         association_id: int | None,
         now: datetime | None = None,
+        replaced: bool = False,
     ) -> IndexOutcome:
-        """Index ``inst``, kept in the spool at ``relpath`` (``size_bytes`` long), in one committed transaction."""
+        """Index ``inst``, kept in the spool at ``relpath`` (``size_bytes`` long), in one committed transaction.
+
+        ``replaced``: the file of an instance already indexed was replaced by changed content
+        (``duplicates: replace``): the study treats it as new content, without counting another instance.
+        """
         now = now or utcnow()
         new_version = ignored = False
         with self.sessions() as session, session.begin():
@@ -226,22 +251,24 @@ class InstanceIndex:
                     },
                 ),
             ).rowcount
-            if not inserted:
-                # Same SOP Instance UID again: idempotent. The file was rewritten in place;
-                # the study's state and version do not change.
-                session.execute(
-                    update(Instance)
-                    .where(Instance.sop_instance_uid == inst.sop_instance_uid)
-                    .values(size_bytes=size_bytes, received_at=now, association_id=association_id)
-                )
+            if not inserted and not replaced:
+                # Same SOP Instance UID again, same content (the C-STORE handler checked): idempotent.
                 if not receiving:
                     self._count_duplicate(association_id, inst.study_instance_uid, str(study.state))
                 return IndexOutcome(study.id, study.version, True, False, False)
+            if not inserted:
+                session.execute(
+                    update(Instance)
+                    .where(Instance.sop_instance_uid == inst.sop_instance_uid)
+                    .values(size_bytes=size_bytes, received_at=now, association_id=association_id,
+                            transfer_syntax_uid=inst.transfer_syntax_uid, study_version=version)
+                )  # fmt: skip
+            added = 0 if replaced else 1
             if receiving:
-                session.execute(_BUMP_STUDY, {"now": now, "id": study.id})
+                session.execute(_BUMP_STUDY, {"now": now, "id": study.id, "added": added})
                 return IndexOutcome(study.id, version, False, False, False)
-            # A late instance: the study was complete already.
-            values: dict[str, object] = {"last_received_at": now, "instance_count": Study.instance_count + 1}
+            # A late instance (or changed content): the study was complete already.
+            values: dict[str, object] = {"last_received_at": now, "instance_count": Study.instance_count + added}
             if self.late_instances == "new-version":
                 new_version = True
                 values.update(

@@ -24,7 +24,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Association as AssociationRow
-from db.models import Study, utcnow
+from db.models import AuditEvent, Study, utcnow
+from node.receive.duplicates import DuplicateDecision, DuplicatePolicy, Verdict, judge
 from node.receive.ingest import InstanceIndex, ReceivedInstance
 from node.receive.spool import Spool, SpoolError, valid_uid
 from pipelines.pixeldata import pixel_data_problem
@@ -180,8 +181,10 @@ class StorageSCP:
         dimse_timeout_s: float = 60,
         network_timeout_s: float = 60,
         maximum_associations: int = 32,
+        duplicates: DuplicatePolicy = "keep-first",
     ) -> None:
         self.spool = spool
+        self.duplicates = duplicates
         self.sessions = sessions
         self.index = index
         self.on_release = on_release
@@ -392,11 +395,44 @@ class StorageSCP:
         # event.dataset above was decoded from it: None only with pynetdicom's STORE_RECV_CHUNKED_DATASET,
         # which the node does not enable.
         assert request.DataSet is not None
+        encoded = request.DataSet.getbuffer()
         try:
-            size = self.spool.write_encoded(relpath, event.file_meta, request.DataSet.getbuffer())
+            stored = self.index.find(sop_uid)
+        except SQLAlchemyError as exc:
+            log.error("C-STORE %s failed: database: %s", sop_uid, type(exc).__name__)
+            return _failure(OUT_OF_RESOURCES, "database unavailable")
+        replaced = False
+        if stored is not None:
+            decision = judge(
+                stored,
+                self.spool.abspath(stored.relpath),
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid,
+                patient_id=inst.patient_id,
+                transfer_syntax_uid=inst.transfer_syntax_uid,
+                encoded_dataset=encoded,
+                policy=self.duplicates,
+            )
+            self._audit_duplicate(state, sop_uid, decision)
+            if decision.verdict is Verdict.MOVED:
+                log.warning("C-STORE %s refused: %s", sop_uid, decision.detail)
+                return _failure(DATASET_MISMATCH, decision.detail)
+            if decision.verdict is not Verdict.REPLACE:
+                if decision.verdict is Verdict.KEEP_FIRST:
+                    log.warning("C-STORE %s: changed duplicate, %s", sop_uid, decision.detail)
+                return self._record(inst, stored.relpath, 0, state, replaced=False)
+            replaced = True
+            log.warning("C-STORE %s: changed duplicate, %s", sop_uid, decision.detail)
+        try:
+            size = self.spool.write_encoded(relpath, event.file_meta, encoded)
         except SpoolError as exc:
             log.error("C-STORE %s failed: spool: %s", sop_uid, exc)
             return _failure(OUT_OF_RESOURCES, f"spool: {exc.strerror or exc}")
+        return self._record(inst, relpath, size, state, replaced=replaced)
+
+    def _record(
+        self, inst: ReceivedInstance, relpath: str, size: int, state: _AssocState | None, *, replaced: bool
+    ) -> int | Dataset:
         try:
             outcome = self.index.record(
                 inst,
@@ -405,10 +441,21 @@ class StorageSCP:
                 calling_ae=state.calling_ae if state else None,
                 calling_host=state.host if state else None,
                 association_id=state.row_id if state else None,
+                replaced=replaced,
             )
         except SQLAlchemyError as exc:
-            log.error("C-STORE %s failed: database: %s", sop_uid, type(exc).__name__)
+            log.error("C-STORE %s failed: database: %s", inst.sop_instance_uid, type(exc).__name__)
             return _failure(OUT_OF_RESOURCES, "database unavailable")
         if state is not None:
             state.study_ids.add(outcome.study_id)
         return SUCCESS
+
+    def _audit_duplicate(self, state: _AssocState | None, sop_uid: str, decision: DuplicateDecision) -> None:
+        """Every duplicate goes to the audit: who sent it, and what differed (keywords only, never values)."""
+        actor = f"{state.calling_ae}@{state.host}" if state else None
+        try:
+            with self.sessions() as session, session.begin():
+                session.add(AuditEvent(kind="duplicate", actor=actor, subject=sop_uid,
+                                       detail=f"{decision.verdict.value}: {decision.detail}"))  # fmt: skip
+        except SQLAlchemyError as exc:  # the C-STORE's own commit reports a database that is down
+            log.error("duplicate of %s not audited: database: %s", sop_uid, type(exc).__name__)

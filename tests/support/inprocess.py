@@ -43,6 +43,7 @@ def start_receiver(
     allowed_callers: list[str] | None = None,
     spool: Spool | None = None,
     late_instances: str = "new-version",
+    duplicates: str = "keep-first",
 ) -> Receiver:
     engine = make_engine(database_url or f"sqlite:///{tmp}/node.db")
     upgrade(engine)
@@ -54,6 +55,7 @@ def start_receiver(
         sessions=sessions,
         index=InstanceIndex(sessions, late_instances),  # type: ignore[arg-type]
         allowed_callers=allowed_callers,
+        duplicates=duplicates,  # type: ignore[arg-type]
     )
     port = free_port()
     scp.start("127.0.0.1", port)
