@@ -53,6 +53,15 @@ class Candidate:
     description: str
 
 
+def _number(ds: Dataset, keyword: str, default: float) -> float:
+    """A numeric header value for ranking; ``default`` when absent, empty, not a number, or not positive."""
+    try:
+        value = float(ds.get(keyword) or default)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return value if np.isfinite(value) and value > 0 else default
+
+
 def _image_type(ds: Dataset) -> list[str]:
     return [str(v).upper() for v in ds.get("ImageType", [])]
 
@@ -123,13 +132,14 @@ def _volume_candidate(uid: str, headers: Sequence[Dataset], modalities: Sequence
     usable = [h for h in images if _is_original(h)]
     if not usable:
         raise ValueError(f"only localizer/derived/secondary images (ImageType {'/'.join(_image_type(images[0]))})")
-    n = sum(int(h.get("NumberOfFrames", 1) or 1) for h in usable)
+    n = sum(int(_number(h, "NumberOfFrames", 1)) for h in usable)
     if n < min_slices:
         raise ValueError(f"{n} slices, at least {min_slices} needed")
     if not all(_is_axial(h) for h in usable if "ImageOrientationPatient" in h):
         raise ValueError("not axial")
     # Thickness and kernel of the images that will be analysed (the first file may be a localizer).
-    thickness = float(usable[0].get("SliceThickness") or 5.0)
+    # Slice spacing comes from the positions; a broken Slice Thickness ("8 mm") only ranks as unknown.
+    thickness = _number(usable[0], "SliceThickness", 5.0)
     kernel = usable[0].get("ConvolutionKernel")
     # Prefer thin slices, then a soft kernel (segmentation wants little noise), then more slices.
     return Candidate(uid, (-round(thickness, 1), -kernel_sharpness(kernel), n), desc)

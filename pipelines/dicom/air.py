@@ -7,6 +7,7 @@ result from an acquisition, and which device and software version produced it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -113,7 +114,9 @@ def source_series_label(source: Dataset) -> str:
     number = source.get("SeriesNumber")
     description = " ".join(str(source.get("SeriesDescription", "") or "").split())
     if number in (None, ""):
-        return f"series {description}" if description else ""
+        # Neither number nor description: the end of its UID is what tells two such series apart.
+        uid = str(source.get("SeriesInstanceUID", "") or "")
+        return f"series {description}" if description else (f"series ...{uid[-12:]}" if uid else "")
     return f"series {number}: {description}" if description else f"series {number}"
 
 
@@ -125,11 +128,18 @@ def result_series_number(source: Dataset, kind: str) -> int:
     """Series Number of a result series: distinct per source series, so that two analysed series of one
     study do not collide, and near it in a viewer's series list (series N's results are N91-N93).
 
-    Without a usable source Series Number (absent, or beyond what IS holds) the results are 901-903.
+    Without a usable source Series Number (absent, or beyond what IS holds) the number is made from the
+    source's Series Instance UID (K91-K93 with K from 1000 to 9999), so two such series still get
+    distinct result series; without that UID either, 901-903.
     """
     suffix = RESULT_SERIES_SUFFIX[kind]
     try:
         number = int(source.get("SeriesNumber"))
+        if not 0 <= number < 20_000_000:
+            raise ValueError(number)
     except (TypeError, ValueError):
-        return 900 + suffix % 10
-    return number * 100 + suffix if 0 <= number < 20_000_000 else 900 + suffix % 10
+        uid = str(source.get("SeriesInstanceUID", "") or "")
+        if not uid:
+            return 900 + suffix % 10
+        number = 1000 + int(hashlib.sha256(uid.encode()).hexdigest(), 16) % 9000
+    return number * 100 + suffix

@@ -29,14 +29,21 @@ from pipelines.volume import InPlaneSpacing, Volume, inverted_on_load
 BANNER = "AI result - not for diagnostic use"
 
 
+def _first_number(ds: Dataset, keyword: str) -> float | None:
+    """The first value of a numeric attribute, or None when absent or not a finite number ("40HU" is real)."""
+    try:
+        value = ds.get(keyword)
+        number = float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+    return number if np.isfinite(number) else None
+
+
 def grey_image(pixels: np.ndarray, source: Dataset) -> np.ndarray:
     """One slice in modality units -> 8-bit grey, through the source's first window or its 1-99th percentile."""
-    center, width = source.get("WindowCenter"), source.get("WindowWidth")
-    if center is not None and width is not None:
-        center = float(center[0] if isinstance(center, Sequence) and not isinstance(center, str) else center)
-        width = float(width[0] if isinstance(width, Sequence) and not isinstance(width, str) else width)
-        if inverted_on_load(source):
-            center, width = None, None  # the window is in inverted units; the volume is not
+    center, width = _first_number(source, "WindowCenter"), _first_number(source, "WindowWidth")
+    if inverted_on_load(source):
+        center, width = None, None  # the window is in inverted units; the volume is not
     if center is None or width is None or width <= 0:
         low, high = (float(v) for v in np.percentile(pixels, [1, 99]))
         center, width = (low + high) / 2, max(high - low, 1e-6)
