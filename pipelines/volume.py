@@ -29,6 +29,8 @@ from pydicom.pixels import pixel_array
 from pipelines.notanalysed import NotAnalysable, NotAnalysedReason
 from pipelines.pixeldata import pixel_data_problem
 
+#: Modalities whose images are slices of a volume: without patient geometry they cannot be placed.
+CROSS_SECTIONAL = frozenset({"CT", "MR", "PT"})
 #: Photometric interpretations a single-channel pipeline can use.
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 
@@ -468,6 +470,15 @@ def load_volume(
     rows, cols = _image_size(items)
     if all(f.position is not None and f.orientation is not None for f in frames):
         placement = _place_in_patient_space(frames, first, spacing_tolerance)
+    elif str(first.get("Modality", "")).strip() in CROSS_SECTIONAL:
+        # An Enhanced CT without functional groups, or a legacy multi-frame CT with one orientation and no
+        # positions: slices in an invented order and spacing would give a SEG no viewer can place.
+        missing = sum(f.position is None for f in frames), sum(f.orientation is None for f in frames)
+        raise NotAnalysable(
+            NotAnalysedReason.INCONSISTENT_GEOMETRY,
+            f"{first.get('Modality')} frames without patient geometry: {missing[0]} of {len(frames)} without"
+            f" Image Position (Patient), {missing[1]} without Image Orientation (Patient)",
+        )
     else:
         placement = _place_without_geometry(frames, first)
     pixels = _decode_slices(items, placement.frames, rows, cols)

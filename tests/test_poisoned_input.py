@@ -17,7 +17,7 @@ from pydicom.tag import Tag
 from pipelines.notanalysed import NotAnalysable, NotAnalysedReason
 from pipelines.volume import load_volume
 from tests.support.runners import onnx_study_runner
-from tests.support.series import SIZE, ct_series, projection, save
+from tests.support.series import SIZE, ct_series, enhanced_ct, projection, save, slice_pixels
 
 
 @pytest.mark.parametrize("slope", ["NaN", "inf", "0", "-1", "abc"])
@@ -99,3 +99,22 @@ def test_an_instance_that_leaves_the_name_empty_is_not_another_patient(tmp_path:
     outcome = onnx_study_runner().run("lung-seg", {str(slices[0].SeriesInstanceUID): files}, {"seg"})
 
     assert outcome.not_analysed is None
+
+
+def test_an_enhanced_ct_without_functional_groups_is_refused_before_inference() -> None:
+    ds = enhanced_ct([0.0, 2.5, 5.0], np.stack([slice_pixels(k) for k in range(3)]))
+    del ds.SharedFunctionalGroupsSequence
+    del ds.PerFrameFunctionalGroupsSequence
+
+    with pytest.raises(NotAnalysable, match="inconsistent-geometry: CT frames without patient geometry: 3 of 3"):
+        load_volume([ds])
+
+
+def test_a_legacy_multi_frame_ct_with_an_orientation_but_no_positions_is_refused() -> None:
+    ds = ct_series(1)[0]
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    del ds.ImagePositionPatient
+
+    with pytest.raises(NotAnalysable, match="2 of 2 without Image Position"):
+        load_volume([ds])
