@@ -8,6 +8,7 @@ one transaction, together with one delivery row per destination.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import traceback
@@ -35,6 +36,7 @@ from db.models import (
 from db.queue import claim_next_job, heartbeat
 from db.states import finish_job, make_delivery_due, set_delivery_state
 from node.loops import Loop
+from node.phi import redact, study_identifying_values
 from node.reasons import one_line_reason
 from node.receive.spool import Spool
 from node.work.destinations import Destination, DestinationError, PeerResolver
@@ -93,17 +95,25 @@ class Worker:
     def process(self, job: Job) -> None:
         started = time.monotonic()
         study_uid, files = self._study_files(job.study_id)
+        # Every reason this job records or logs is said without the patient's names, IDs or dates.
+        phi = study_identifying_values(files)
         try:
             destinations, unresolved = self._destinations(job)
             no_destination = {ResultKind.SEG, ResultKind.SR}
             outputs = set().union(*(d.outputs for d in destinations)) if destinations else no_destination
             outcome = self.runner.run(job.pipeline, files, outputs)
         except Exception as exc:  # a pipeline exception fails this job only (invariant 6)
-            reason = one_line_reason(exc)
+            reason = redact(one_line_reason(exc), phi) or ""
             log.error("job %d study %s failed: %s", job.id, study_uid, reason)
-            log.debug("job %d traceback:\n%s", job.id, traceback.format_exc())
+            log.debug("job %d traceback:\n%s", job.id, redact(traceback.format_exc(), phi))
             self._finish(job.id, JobState.FAILED, reason, time.monotonic() - started, None)
             return
+        outcome = dataclasses.replace(
+            outcome,
+            not_analysed=redact(outcome.not_analysed, phi),
+            selection=redact(outcome.selection, phi),
+            failed_outputs={kind: redact(why, phi) or "" for kind, why in outcome.failed_outputs.items()},
+        )
         if outcome.selection is not None:  # shown by `ainode status` with the job
             with self.sessions() as session, session.begin():
                 session.add(AuditEvent(kind="selection", actor=self.worker_id, subject=str(job.id),
@@ -117,9 +127,9 @@ class Worker:
         try:
             self._store_results(job, study_uid, outcome, destinations, unresolved, started)
         except Exception as exc:
-            reason = f"could not store results: {one_line_reason(exc)}"
+            reason = f"could not store results: {redact(one_line_reason(exc), phi)}"
             log.error("job %d study %s failed: %s", job.id, study_uid, reason)
-            log.debug("job %d traceback:\n%s", job.id, traceback.format_exc())
+            log.debug("job %d traceback:\n%s", job.id, redact(traceback.format_exc(), phi))
             self._finish(job.id, JobState.FAILED, reason, time.monotonic() - started, outcome.model_s)
             return
         if self.on_result is not None:
