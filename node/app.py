@@ -26,7 +26,7 @@ from node.loops import Loop
 from node.models import study_runner_from_config
 from node.receive.ingest import InstanceIndex, reconcile_spool
 from node.receive.retention import Retention
-from node.receive.scp import StorageSCP, listen
+from node.receive.scp import AssociationLimits, StorageSCP, known_hosts, listen
 from node.receive.spool import Spool
 from node.work.destinations import make_resolver
 from node.work.worker import Worker, WorkerPool
@@ -174,6 +174,16 @@ class NodeApp:
                 acse_timeout_s=node.acse_timeout_s,
                 dimse_timeout_s=node.dimse_timeout_s,
                 network_timeout_s=node.network_timeout_s,
+                limits=AssociationLimits(
+                    total=node.max_associations,
+                    per_host=node.max_associations_per_host,
+                    reserved_for_known=node.reserved_for_known_peers,
+                    establish_timeout_s=node.association_timeout_s,
+                    known_hosts=known_hosts(
+                        [p.host for p in self.config.peers.values()]
+                        + [c.partition("@")[2] for c in node.allowed_callers if "@" in c]
+                    ),
+                ),
                 duplicates=node.duplicates,
             )
             self.scp.start(node.host, node.port, listener)

@@ -98,6 +98,13 @@ class NodeSettings(_Strict):
     retention_days: float | None = Field(None, gt=0)
     #: Maximum PDU size we receive (0 = unlimited, pynetdicom semantics).
     max_pdu: int = Field(0, ge=0)
+    #: Connections served at once; of them, ``max_associations_per_host`` from one host, and the last
+    #: ``reserved_for_known_peers`` only for peers and allowed callers (a flood cannot lock them out).
+    max_associations: int = Field(32, ge=1, le=1000)
+    max_associations_per_host: int = Field(8, ge=1, le=1000)
+    reserved_for_known_peers: int = Field(8, ge=0)
+    #: ARTIM (PS3.8 9.1.5): a connection has this long, from its first byte, to become an association.
+    association_timeout_s: float = Field(5, gt=0)
     acse_timeout_s: float = Field(30, gt=0)
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(60, gt=0)
@@ -124,6 +131,15 @@ class NodeSettings(_Strict):
                 raise ValueError(f"{entry!r}: a host must follow '@'")
             out.append(f"{ae}@{host.strip()}" if sep else ae)
         return out
+
+    @model_validator(mode="after")
+    def _slots(self) -> NodeSettings:
+        if self.reserved_for_known_peers >= self.max_associations:
+            raise ValueError(
+                f"reserved_for_known_peers ({self.reserved_for_known_peers}) must be less than"
+                f" max_associations ({self.max_associations}): unknown senders would get no slot"
+            )
+        return self
 
     @field_validator("device_uid")
     @classmethod
