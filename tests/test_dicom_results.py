@@ -7,6 +7,7 @@ subject A0002, CC BY 4.0) and skip where it is absent; the CR and MG tests use s
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import highdicom as hd
@@ -18,8 +19,10 @@ from pydicom.sr.codedict import codes
 
 from pipelines.dicom import Equipment, write_results
 from pipelines.dicom.air import PROCESSING_ALGORITHM
+from pipelines.dicom.colours import segment_colour
 from pipelines.enums import ResultKind as OutputKind  # seg/sr/sc: one enum since issue 14
 from pipelines.provenance import produced_by as is_own_result  # loop prevention: why, or None
+from pipelines.volume import InPlaneSpacing
 from tests.support.dicom import (
     chest_xray_source,
     classification_result,
@@ -154,6 +157,15 @@ def test_seg_has_every_frame_references_the_source_series_and_codes_each_lung(ct
     assert seg.SeriesNumber == 391
 
 
+def test_seg_recommends_for_each_segment_the_colour_the_secondary_capture_burns_in(ct_objects):
+    """Issue 10 item 5: the right lung is the same red in OHIF's SEG overlay as in the SC."""
+    _, objects = ct_objects
+    seg = by_kind(objects)["SEG"][0]
+    for segment in seg.SegmentSequence:
+        lab = hd.color.CIELabColor.from_dicom_value([int(v) for v in segment.RecommendedDisplayCIELabValue])
+        assert lab.to_rgb() == segment_colour(int(segment.SegmentNumber)), segment.SegmentLabel
+
+
 def test_two_analysed_series_of_one_study_get_distinct_result_series_naming_their_source(ct_dir: Path):
     """Issue 10 item 4: series 2 and 3 of one study, analysed apart, must not both be 901/902/903."""
     numbers, descriptions = {}, {}
@@ -190,6 +202,129 @@ def items(group: Dataset, value_type: str) -> list[Dataset]:
 
 def concept(item: Dataset) -> str:
     return item.ConceptNameCodeSequence[0].CodeMeaning
+
+
+def child(group: Dataset, meaning: str) -> Dataset:
+    return next(i for i in group.ContentSequence if concept(i) == meaning)
+
+
+def has_outline(group: Dataset) -> bool:
+    return any(i.ValueType == "SCOORD" for i in group.ContentSequence)
+
+
+def numbers(group: Dataset) -> dict[str, tuple[float, str]]:
+    """Each NUM of a group: concept meaning -> (value, UCUM unit)."""
+    return {
+        concept(i): (float(i.MeasuredValueSequence[0].NumericValue),
+                     i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue)
+        for i in items(group, "NUM")
+    }  # fmt: skip
+
+
+def all_units(sr: Dataset) -> set[str]:
+    """Every UCUM unit anywhere in the report's content tree."""
+    found: set[str] = set()
+
+    def walk(content: list[Dataset]) -> None:
+        for item in content:
+            for value in item.get("MeasuredValueSequence", []):
+                found.add(str(value.MeasurementUnitsCodeSequence[0].CodeValue))
+            walk(list(item.get("ContentSequence", [])))
+
+    walk(list(sr.ContentSequence))
+    return found
+
+
+def reports() -> list[tuple[str, Dataset]]:
+    xray, mammogram = chest_xray_source(), mammogram_source()
+    return [
+        ("classification", write_results(classification_result(xray), [xray], EQUIPMENT, [OutputKind.SR])[0]),
+        ("density", write_results(density_result(mammogram), [mammogram], EQUIPMENT, [OutputKind.SR])[0]),
+    ]
+
+
+def test_groups_that_share_a_tracking_uid_share_one_tracking_identifier(ct_objects):
+    """Issue 10 item 5: "Left lung" and "Left lung (largest slice)" were one Tracking UID with two identifiers."""
+    _, objects = ct_objects
+    for name, sr in [("segmentation", by_kind(objects)["SR"][0]), *reports()]:
+        identifiers: dict[str, set[str]] = {}
+        for group in sr_groups(sr):
+            uid = child(group, "Tracking Unique Identifier").UID
+            identifiers.setdefault(uid, set()).add(child(group, "Tracking Identifier").TextValue)
+        assert all(len(ids) == 1 for ids in identifiers.values()), (name, identifiers)
+        if name == "segmentation":
+            assert sorted(ids.pop() for ids in identifiers.values()) == ["Left lung", "Right lung"]
+
+
+def test_lung_groups_name_the_side_in_the_finding_site_and_its_laterality(ct_objects):
+    """Issue 10 item 5: OHIF shows the Finding Site's Code Meaning on the outline; it must name the side."""
+    _, objects = ct_objects
+    for group in sr_groups(by_kind(objects)["SR"][0]):
+        label = child(group, "Tracking Identifier").TextValue
+        site = child(group, "Finding Site")
+        location = site.ConceptCodeSequence[0]
+        assert location.CodeMeaning == label and location.CodingSchemeDesignator == "SCT"
+        assert location.CodeValue == {"Right lung": "3341006", "Left lung": "44029006"}[label]
+        side = child(site, "Laterality").ConceptCodeSequence[0]
+        assert label.startswith(side.CodeMeaning)
+        assert child(group, "Finding").ConceptCodeSequence[0].CodeMeaning == "Lung"  # the SEG's property type
+
+
+def test_report_lists_the_source_images_in_a_tid1600_image_library(ct_objects, ct_series):
+    """Issue 10 item 5: dcmqi's reports carry the Image Library; ours did not."""
+    _, objects = ct_objects
+    sr = by_kind(objects)["SR"][0]
+    names = [concept(i) for i in sr.ContentSequence]
+    assert names.index("Image Library") == names.index("Imaging Measurements") - 1  # TID 1500 row order
+    (group,) = child(sr, "Image Library").ContentSequence
+    assert concept(group) == "Image Library Group"
+    assert child(group, "Modality").ConceptCodeSequence[0].CodeValue == "CT"
+    assert child(group, "Frame of Reference UID").UID == ct_series[0].FrameOfReferenceUID
+    assert numbers(group)["Pixel Data Rows"] == (512.0, "{pixels}")
+    assert numbers(group)["Horizontal Pixel Spacing"] == (pytest.approx(float(ct_series[0].PixelSpacing[1])), "mm")
+    entries = [ref for i in items(group, "IMAGE") for ref in i.ReferencedSOPSequence]
+    assert {e.ReferencedSOPInstanceUID for e in entries} == {ds.SOPInstanceUID for ds in ct_series}
+    assert len(entries) == len(ct_series)
+    for name, report in reports():
+        (group,) = child(report, "Image Library").ContentSequence
+        assert len(items(group, "IMAGE")) == 1, name
+
+
+def test_without_pixel_spacing_the_report_keeps_the_outline_and_writes_nothing_in_mm(ct_series, tmp_path: Path):
+    """Issue 10 item 3: an area (or volume) computed on a 1-pixel "spacing" is a wrong number in mm2 (mL)."""
+    known = volume_from_slices(ct_series)
+    unknown = dataclasses.replace(
+        known, spacing_mm=(known.spacing_mm[0], 1.0, 1.0), in_plane_spacing=InPlaneSpacing.UNKNOWN
+    )
+    result = lung_result(unknown)
+    sr = next(o for o in write_results(result, ct_series, EQUIPMENT, [OutputKind.SR]) if o.Modality == "SR")
+    assert_valid([sr], tmp_path)
+    groups = sr_groups(sr)
+    planar = [g for g in groups if has_outline(g)]
+    assert len(planar) == 2 and all("Area" not in numbers(g) for g in planar)
+    volumetric = [g for g in groups if not has_outline(g)]
+    assert all(set(numbers(g)) == {"Attenuation Coefficient"} for g in volumetric)  # HU needs no spacing
+    assert not all_units(sr) & {"mm", "mm2", "ml", "cm2", "cm3"}, all_units(sr)
+
+    # With the spacing known (the same CT), the same report has them.
+    measured = [
+        numbers(g) for g in sr_groups(write_results(lung_result(known), ct_series, EQUIPMENT, ["seg", "sr"])[1])
+    ]
+    assert sum("Area" in m for m in measured) == 2 and sum("Volume" in m for m in measured) == 2
+
+
+@pytest.mark.parametrize("kind", ["classification", "density"])
+def test_radiograph_reports_without_pixel_spacing_write_nothing_in_mm(kind: str):
+    """Issue 10 item 3: the SVM's features are relative intensities and texture, the classifier's numbers
+    probabilities; neither report, nor its image library, may state a length or an area."""
+    source = chest_xray_source() if kind == "classification" else mammogram_source()
+    result = classification_result(source) if kind == "classification" else density_result(source)
+    result.volume = dataclasses.replace(
+        result.volume, spacing_mm=(1.0, 1.0, 1.0), in_plane_spacing=InPlaneSpacing.UNKNOWN
+    )
+    sr = write_results(result, [source], EQUIPMENT, [OutputKind.SR])[0]
+    assert not all_units(sr) & {"mm", "mm2", "ml", "cm2", "cm3"}, all_units(sr)
+    assert "Horizontal Pixel Spacing" not in numbers(child(sr, "Image Library").ContentSequence[0])
 
 
 def test_segmentation_report_has_volumetric_and_planar_groups_per_lung(ct_objects, ct_series, tmp_path):
@@ -255,7 +390,13 @@ def test_classification_report_states_the_finding_probability_and_hot_spot(tmp_p
     for group in groups:
         evaluation = next(i for i in items(group, "CODE") if concept(i) == "Pneumonia")
         assert evaluation.ConceptCodeSequence[0].CodeMeaning == "Present"
-    # The probability once, in the image-level group; the hot-spot outline shares its Tracking UID.
+    # Issue 10 item 7: the probability and the threshold once, in the image-level group (the finding), not on
+    # the hot spot, where they would read as the hot spot's own; the hot-spot outline shares its Tracking UID.
+    (image_level,) = [g for g in groups if not has_outline(g)]
+    assert numbers(image_level) == {"Probability": (pytest.approx(0.83), "1"), "Threshold Value": (0.5, "1")}
+    threshold = next(i for i in items(image_level, "NUM") if concept(i) == "Threshold Value")
+    name = threshold.ConceptNameCodeSequence[0]
+    assert (name.CodeValue, name.CodingSchemeDesignator) == ("122411", "DCM")
     probabilities = [i for group in groups for i in items(group, "NUM") if concept(i) == "Probability"]
     assert [float(p.MeasuredValueSequence[0].NumericValue) for p in probabilities] == [pytest.approx(0.83)]
     uids = {i.UID for group in groups for i in items(group, "UIDREF") if concept(i) == "Tracking Unique Identifier"}

@@ -8,11 +8,12 @@ origin as a ``/dicom-web`` proxy). Python Playwright drives Debian's chromium.
 What a radiologist should see, checked on the page's text and on screenshot pixels:
 
 - the CT, the SEG and the SR series in the study browser;
-- the SEG over the CT: both segments named in the segmentation panel, filled in their panel colours, the left
-  lung on the image's right (radiological convention); OHIF's own segment statistics (volume, mean HU) agree
-  with the volume and mean attenuation our SR states for the segment;
-- the SR: each lung's outline (TID 1410 planar group) on the slice it references, labelled with its area and,
-  joined by Tracking UID, the volume of its TID 1411 group;
+- the SEG over the CT: both segments named in the segmentation panel, filled in the colours the SEG recommends
+  (those the Secondary Capture burns in), the left lung on the image's right (radiological convention); OHIF's
+  own segment statistics (volume, mean HU) agree with the volume and mean attenuation our SR states for it;
+- the SR: each lung's outline (TID 1410 planar group) on the slice it references, labelled with its area, its
+  side ("Right lung", from the Finding Site) and, joined by Tracking UID, the volume of its TID 1411 group; the
+  label next to its own outline, not nearer the other lung;
 - a chest radiograph phantom through the chest-xray model: the SR's hot-spot box, labelled once with the probability.
 
 Screenshots go to the test's tmp dir; the segmentation view is also copied to ``tests/.cache/viewer-screenshot.png``
@@ -38,11 +39,14 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from pipelines.dicom.colours import segment_colour
 from tests.support import REPO
 from tests.support.viewer.ohif import CHROMIUM, CHROMIUM_ARGS, OhifServer, ohif_dist, ohif_version
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Locator, Page
+
+    from pipelines.results import SegmentationResult
 
 pytestmark = [pytest.mark.viewer, pytest.mark.orthanc, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -64,6 +68,9 @@ class Planar:
     #: The volume of the same tracked structure (TID 1411 group with the same Tracking UID), as OHIF shows it.
     volume_label: str
     image_index: int  # 1-based index of the referenced CT image in the series, by Instance Number
+    tracking_uid: str  # OHIF's annotation UID: its label is the SVG group with data-annotation-uid = this
+    outline_cr: np.ndarray  # the SCOORD's (column, row) points
+    sop_instance_uid: str  # the image the outline is on
 
 
 @dataclass
@@ -84,6 +91,8 @@ class LungStudy:
     segment_labels: list[str]
     planar: list[Planar]
     volumetric: list[Volumetric]
+    #: The segmentation the SEG and SR were written from: where each lung is on the outlines' slices.
+    result: SegmentationResult
 
 
 def _code(item: Dataset) -> str:
@@ -138,6 +147,9 @@ def describe_report(sr: Dataset, ct: list[Dataset]) -> tuple[list[Planar], list[
                     label=f"Area: {area[0]:.2f} {area[1]}",  # OHIF: `${Number(v).toFixed(2)} ${unit CodeValue}`
                     volume_label="Volume: {:.2f} {}".format(*volumes[_tracking_uid(group)]),
                     image_index=order.index(str(source)) + 1,
+                    tracking_uid=_tracking_uid(group),
+                    outline_cr=np.asarray(scoords[0].GraphicData, float).reshape(-1, 2),
+                    sop_instance_uid=str(source),
                 )
             )
         else:
@@ -178,7 +190,10 @@ def lung_study(viewer_installed: None, orthanc, ct_dir: Path, tmp_path_factory: 
 
     files = sorted((ct_dir / CT_SERIES).glob("*.dcm"))
     datasets = [pydicom.dcmread(p) for p in files]
+    from pipelines.results import SegmentationResult
+
     result = run_pipeline(ModelRegistry(bundled_models_dir()).get("lung-seg"), load_volume(datasets))
+    assert isinstance(result, SegmentationResult), result
     equipment = Equipment(
         manufacturer="dicom-ai-node",
         model_name="dicom-ai-node",
@@ -202,6 +217,7 @@ def lung_study(viewer_installed: None, orthanc, ct_dir: Path, tmp_path_factory: 
         segment_labels=[str(s.SegmentLabel) for s in seg.SegmentSequence],
         planar=planar,
         volumetric=volumetric,
+        result=result,
     )
 
 
@@ -334,6 +350,63 @@ def segment_statistics(page: Page, title: str) -> str:
     return body[card : card + 600]
 
 
+@dataclass
+class Label:
+    """An SR annotation as OHIF drew it, in viewport-pane pixels: its text box and the polylines on screen."""
+
+    lines: list[str]
+    box: tuple[float, float, float, float]  # left, top, right, bottom
+    polylines: list[np.ndarray]  # every polyline of the pane's SVG layer, (x, y) points
+
+
+def annotation_label(view: Viewer, annotation_uid: str) -> Label | None:
+    """The text box of one SR annotation (cornerstone's ``g[data-annotation-uid]``), None while not drawn."""
+    found = view.page.evaluate(
+        """([uid]) => {
+            const pane = document.querySelector('[data-cy="viewport-pane"]');
+            const origin = pane.getBoundingClientRect();
+            const group = [...pane.querySelectorAll('g[data-annotation-uid]')]
+                .find(g => g.getAttribute('data-annotation-uid') === uid);
+            if (!group) return null;
+            const r = (group.querySelector('text') || group).getBoundingClientRect();
+            const polylines = [...pane.querySelectorAll('svg polyline')].map(line => {
+                const svg = line.ownerSVGElement.getBoundingClientRect();
+                return {dx: svg.left - origin.left, dy: svg.top - origin.top, points: line.getAttribute('points')};
+            });
+            return {
+                lines: [...group.querySelectorAll('tspan')].map(t => t.textContent),
+                box: [r.left - origin.left, r.top - origin.top, r.right - origin.left, r.bottom - origin.top],
+                polylines,
+            };
+        }""",
+        [annotation_uid],
+    )
+    if found is None:
+        return None
+    polylines = []
+    for line in found["polylines"]:
+        numbers = [float(v) for v in re.findall(r"-?[\d.]+(?:e-?\d+)?", line["points"])]
+        polylines.append(np.asarray(numbers).reshape(-1, 2) + [line["dx"], line["dy"]])
+    return Label(lines=list(found["lines"]), box=tuple(found["box"]), polylines=polylines)
+
+
+def image_to_pane(outline_cr: np.ndarray, drawn_xy: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Image (column, row) -> viewport-pane pixels, from an outline's points and the same points on screen.
+
+    The axial CT is shown unrotated: x and y are each a scale and a shift of column and row (least squares).
+    """
+    fits = [np.polyfit(outline_cr[:, axis], drawn_xy[:, axis], 1) for axis in (0, 1)]
+    return lambda cr: np.stack([np.polyval(fits[axis], np.asarray(cr, float)[:, axis]) for axis in (0, 1)], axis=1)
+
+
+def distance_to(points_xy: np.ndarray, box: tuple[float, float, float, float]) -> float:
+    """Shortest distance from a box to any of ``points_xy`` (0 when one lies inside it)."""
+    left, top, right, bottom = box
+    dx = np.maximum(np.maximum(left - points_xy[:, 0], points_xy[:, 0] - right), 0)
+    dy = np.maximum(np.maximum(top - points_xy[:, 1], points_xy[:, 1] - bottom), 0)
+    return float(np.hypot(dx, dy).min())
+
+
 def parse_rgb(style: str) -> tuple[int, int, int]:
     r, g, b = (int(v) for v in re.findall(r"\d+", style)[:3])
     return r, g, b
@@ -374,6 +447,11 @@ def test_ohif_overlays_both_lung_segments_named_and_coloured_with_the_sr_volumes
         title: parse_rgb(rows.nth(i).locator('[data-cy="data-row-colorhex"]').get_attribute("style") or "")
         for i, title in enumerate(titles)
     }
+    # The SEG's Recommended Display CIELab Value is the SC's colour: OHIF shows each lung as the SC does.
+    numbers = {str(s.SegmentLabel): int(s.SegmentNumber) for s in lung_study.seg.SegmentSequence}
+    for title, colour in colours.items():
+        expected = segment_colour(numbers[title])
+        assert max(abs(a - b) for a, b in zip(colour, expected, strict=True)) <= 1, (title, colour, expected)
 
     # Clicking a segment jumps to it; hovering it shows OHIF's statistics of it, which must match our TID 1411 group.
     for number, title in enumerate(titles, start=1):
@@ -427,10 +505,48 @@ def check_sr_outlines(ohif: Viewer, lung_study: LungStudy, series_number: int, n
         mask = annotation_mask(pixels)
         assert mask.sum() > 300, f"{planar.tracking_id}: outline hardly drawn ({mask.sum()} px), see {path}"
         seen[planar.side] = float(np.nonzero(mask)[1].mean())
+        check_label(ohif, lung_study, planar, path)
         if index == 0:
             keep(path, "viewer-screenshot-sr.png")
     # The left lung's outline (and its label) is drawn right of the right lung's: radiological convention.
     assert seen["Left"] > seen["Right"], seen
+
+
+def check_label(view: Viewer, study: LungStudy, planar: Planar, path: Path) -> None:
+    """The outline's label names its lung with the side, and sits next to that lung, not nearer the other one."""
+    label = annotation_label(view, planar.tracking_uid)
+    assert label is not None, f"no label drawn for {planar.tracking_id}, see {path}"
+    # OHIF 3.13 writes a Finding Site as "<its concept's code value>: <the site's Code Meaning>"; the site
+    # must name the side (the lateralised SNOMED structure), not a bare "Lung".
+    sites = [line for line in label.lines if line.startswith("363698007: ")]
+    assert sites == [f"363698007: {planar.side} lung"], label.lines
+    assert planar.label in label.lines and planar.volume_label in label.lines, label.lines
+
+    # Where each lung is on this slice, in the viewport. OHIF 3.13 puts an SR label at the right of its outline's
+    # bounding box, half-way down (cornerstone's getTextBoxCoordsCanvas over all the outline's points, plus the
+    # text box's 25 px padding): neither the order nor the first point of the polyline moves it. The label must
+    # start there, beside its own lung and nearer to it than to the other. (The right lung's box, wider than the
+    # mediastinum on screen, still reaches over the left lung: only OHIF can change that.)
+    result = study.result
+    index = [f.sop_instance_uid for f in result.volume.source_frames].index(planar.sop_instance_uid)
+    numbers = {s.label: s.number for s in result.segments}
+    own_number = numbers[planar.tracking_id]
+    # The outline is the polyline with the SCOORD's points (cornerstone draws them one for one).
+    outlines = [line for line in label.polylines if len(line) == len(planar.outline_cr)]
+    assert len(outlines) == 1, [len(line) for line in label.polylines]
+    to_pane = image_to_pane(planar.outline_cr, outlines[0])
+    lungs = {}
+    for number in numbers.values():
+        rows, cols = np.nonzero(result.labelmap[index] == number)
+        lungs[number] = to_pane(np.stack([cols + 0.5, rows + 0.5], axis=1)) if len(rows) else np.zeros((0, 2))
+    left, top, _, bottom = label.box
+    start = (left, (top + bottom) / 2, left, (top + bottom) / 2)  # where the text begins
+    own = distance_to(lungs[own_number], start)
+    others = [distance_to(xy, start) for n, xy in lungs.items() if n != own_number and len(xy)]
+    assert own <= 40 and all(own < other for other in others), (
+        f"{planar.tracking_id}: label starts {own:.0f} px from its lung, {min(others, default=0):.0f} px from the "
+        f"other; see {path}"
+    )
 
 
 def test_ohif_draws_each_lung_outline_of_the_sr_with_its_area_and_volume(ohif: Viewer, lung_study: LungStudy):

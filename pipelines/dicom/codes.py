@@ -14,6 +14,9 @@ ATTENUATION_COEFFICIENT = codes.DCM.AttenuationCoefficient  # DCM 112031
 MEAN = codes.SCT.Mean  # SCT 373098007
 #: A model's output probability (DCM 122157 "Probability").
 PROBABILITY = codes.DCM.Probability
+#: The operating point a classifier's probability is compared with to call the finding present (DCM 122411
+#: "Threshold Value"; PS3.16 has no code for a decision threshold of its own, and TID 1501 is extensible).
+THRESHOLD = codes.DCM.ThresholdValue
 #: Qualitative values of a classifier's finding at its threshold.
 PRESENT = codes.SCT.Present  # SCT 52101004
 ABSENT = codes.SCT.Absent  # SCT 272519000
@@ -28,12 +31,40 @@ UCUM_MEANINGS = {
     "1": "no units",
     "%": "percent",
     "bit": "bit",
+    "mm": "millimeter",
+    "{pixels}": "pixels",
 }
 
 
 def ucum(unit: str) -> Code:
     """A UCUM unit as a DICOM code (Coding Scheme Designator "UCUM")."""
     return Code(unit, "UCUM", UCUM_MEANINGS.get(unit, unit))
+
+
+# Finding sites with their side in the code itself (SNOMED CT lateralised body structures, preferred terms).
+# OHIF 3.13 labels an SR outline with the Code Meaning of its Finding Site and ignores the site's Laterality
+# modifier; a site of "Lung" with modifier "Right" reads "Lung" there. The pre-coordinated code reads "Right
+# lung", and the modifier (PS3.16 TID 1419 row 3) stays for readers that look for it: the two agree.
+_LATERALISED: dict[tuple[str, str], Code] = {
+    (codes.SCT.Lung.value, codes.SCT.Right.value): Code("3341006", "SCT", "Right lung"),
+    (codes.SCT.Lung.value, codes.SCT.Left.value): Code("44029006", "SCT", "Left lung"),
+}
+
+
+def finding_site(structure: Code, laterality: Code | None) -> Code:
+    """A finding site's anatomic location: the lateralised structure where SNOMED CT has one, else ``structure``."""
+    if laterality is None or structure.scheme_designator != "SCT" or laterality.scheme_designator != "SCT":
+        return structure
+    return _LATERALISED.get((structure.value, laterality.value), structure)
+
+
+def acquisition_modality(modality: str) -> Code | None:
+    """Modality (0008,0060) as its CID 29 "Acquisition Modality" code (TID 1602 row 1), None if it has none."""
+    return next((code for code in codes.cid29.concepts.values() if code.value == modality.strip().upper()), None)
+
+
+#: TID 1601: highdicom (and its reader, for anonymous IMAGE items) names an image library entry "Source".
+IMAGE_LIBRARY_ENTRY = Code("260753009", "SCT", "Source")
 
 
 # "Procedure reported" (TID 1500 row 4, CID 100): the imaging procedure the report is about,

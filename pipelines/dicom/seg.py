@@ -7,11 +7,16 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from pipelines.dicom.air import Equipment, add_air_attributes, algorithm_identification, series_description
+from pipelines.dicom.colours import segment_cielab
 from pipelines.results import SegmentationResult
 
 
 def segment_descriptions(result: SegmentationResult, tracking_uids: dict[int, str]) -> list[hd.seg.SegmentDescription]:
-    """One Segment Sequence item per label: SNOMED category and type (+ laterality modifier), algorithm."""
+    """One Segment Sequence item per label: SNOMED category and type (+ laterality modifier), algorithm, colour.
+
+    The recommended display colour is the colour the Secondary Capture burns in, so that a segment looks the
+    same in a viewer that shows the SEG as in one that shows only the SC.
+    """
     algorithm = algorithm_identification(result.model)
     out = []
     for segment in sorted(result.segments, key=lambda s: s.number):
@@ -24,6 +29,7 @@ def segment_descriptions(result: SegmentationResult, tracking_uids: dict[int, st
             algorithm_identification=algorithm,
             tracking_uid=tracking_uids[segment.number],
             tracking_id=segment.label[:64],
+            display_color=segment_cielab(segment.number),
         )
         if segment.laterality is not None:
             # PS3.3 C.8.20.2: the modifier is nested in the Segmented Property Type Code Sequence item.

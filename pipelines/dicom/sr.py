@@ -5,14 +5,17 @@ One report per pipeline run:
 - segmentation: per segment a volumetric ROI group (TID 1411) that references the SEG segment, with
   its volume (mL) and, on CT, its mean attenuation (HU); and a planar ROI group (TID 1410) whose
   SCOORD polyline outlines the segment on its largest slice, with that outline's area. OHIF v3 shows
-  only TID 1500 content that has coordinates, hence the planar groups.
-- classification: an image-level group (TID 1501) with the finding present/absent at the model's
-  threshold; a planar ROI around the heat map's hot spot with the same verdict and the probability.
+  only TID 1500 content that has coordinates, hence the planar groups. Lengths, areas and volumes are
+  written only where the images state their pixel spacing: in pixel units they would be wrong numbers.
+- classification: an image-level group (TID 1501) with the finding present/absent, the model's
+  probability and the threshold it was compared with; a planar ROI around the heat map's hot spot with
+  the same verdict.
 - SVM: an image-level group with the density category as a coded evaluation; a planar ROI outlining
   the breast region with the category and every feature the SVM computed there, and the probability.
 
-The groups of one structure or finding share its Tracking UID, so viewers join them; OHIF 3 shows
-the numbers of the group with coordinates, and cannot load a coordinate-less group left alone.
+The groups of one structure or finding share its Tracking UID and its Tracking Identifier, so viewers
+join them; OHIF 3 shows the numbers of all of them on the group with coordinates, and cannot load a
+coordinate-less group left alone. A TID 1600 Image Library lists the source images, as dcmqi writes it.
 
 The observer is the device (node, model name and version, device UID); "procedure reported" is the
 imaging procedure of the source images, not the algorithm.
@@ -41,7 +44,7 @@ from pipelines.results import (
     SegmentDefinition,
     SegmentStatistics,
 )
-from pipelines.volume import SourceFrame
+from pipelines.volume import InPlaneSpacing, SourceFrame, Volume
 
 #: One imaging-measurements group of TID 1500 (TID 1410, 1411 or 1501).
 Group = (
@@ -93,7 +96,15 @@ def _polyline(points_cr: np.ndarray, frame: SourceFrame) -> hd.sr.ImageRegion:
 
 
 def _finding_site(segment: SegmentDefinition) -> hd.sr.FindingSite:
-    return hd.sr.FindingSite(anatomic_location=segment.property_type, laterality=segment.laterality)
+    """TID 1419 Finding Site: "Right lung" (with its Laterality modifier "Right"), what OHIF shows on the outline."""
+    return hd.sr.FindingSite(
+        anatomic_location=c.finding_site(segment.property_type, segment.laterality), laterality=segment.laterality
+    )
+
+
+def _tracking(uid: str, identifier: str) -> hd.sr.TrackingIdentifier:
+    # One Tracking Identifier per Tracking UID: the groups that share a UID are one tracked structure.
+    return hd.sr.TrackingIdentifier(uid=uid, identifier=identifier)
 
 
 def _segment_groups(
@@ -105,15 +116,19 @@ def _segment_groups(
 ) -> list[Group]:
     volume = result.volume
     algorithm = sr_algorithm_id(result.model)
-    measurements = [
-        hd.sr.Measurement(
-            name=c.VOLUME,
-            value=round(stats.volume_ml, 3),
-            unit=ucum("ml"),
-            method=codes.DCM.SumOfSegmentedVoxelMethodForVolume,
-            algorithm_id=algorithm,
+    # Without a stated pixel spacing the voxel is "1 x 1 x slice gap": no volume in mL, no area in mm2.
+    spacing_known = volume.in_plane_spacing.known
+    measurements = []
+    if spacing_known:
+        measurements.append(
+            hd.sr.Measurement(
+                name=c.VOLUME,
+                value=round(stats.volume_ml, 3),
+                unit=ucum("ml"),
+                method=codes.DCM.SumOfSegmentedVoxelMethodForVolume,
+                algorithm_id=algorithm,
+            )
         )
-    ]
     if stats.intensity_unit == "[hnsf'U]":
         measurements.append(
             hd.sr.Measurement(
@@ -126,7 +141,7 @@ def _segment_groups(
         )
     groups: list[Group] = [
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.tracking(segment.number), identifier=segment.label),
+            tracking_identifier=_tracking(uids.tracking(segment.number), segment.label),
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=SegmentationStorage,
                 sop_instance_uid=str(seg.SOPInstanceUID),
@@ -137,29 +152,28 @@ def _segment_groups(
             finding_type=segment.property_type,
             finding_sites=[_finding_site(segment)],
             algorithm_id=algorithm,
-            measurements=measurements,
+            measurements=measurements or None,
         )
     ]
     if len(stats.outline_rc) >= 2:
-        pixels = int((result.labelmap[stats.largest_slice_index] == segment.number).sum())
-        area_mm2 = pixels * float(volume.spacing_mm[1]) * float(volume.spacing_mm[2])
+        area = []
+        if spacing_known:
+            pixels = int((result.labelmap[stats.largest_slice_index] == segment.number).sum())
+            area_mm2 = pixels * float(volume.spacing_mm[1]) * float(volume.spacing_mm[2])
+            area = [hd.sr.Measurement(name=c.AREA, value=round(area_mm2, 1), unit=ucum("mm2"), algorithm_id=algorithm)]
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    # The same Tracking UID as the volumetric group and the SEG segment: one tracked structure.
-                    # Viewers join groups by it (OHIF 3 shows volume and HU on the outline, and cannot load
-                    # a group without coordinates that no planar group shares a UID with).
-                    uid=uids.tracking(segment.number),
-                    identifier=f"{segment.label} (largest slice)",
-                ),
+                # The same Tracking UID as the volumetric group and the SEG segment: one tracked structure.
+                # Viewers join groups by it (OHIF 3 shows volume and HU on the outline, and cannot load
+                # a group without coordinates that no planar group shares a UID with).
+                tracking_identifier=_tracking(uids.tracking(segment.number), segment.label),
+                # Image coordinates stay right without a pixel spacing: the outline is written either way.
                 referenced_region=_polyline(stats.outline_rc, volume.source_frames[stats.largest_slice_index]),
                 finding_category=segment.category,
                 finding_type=segment.property_type,
                 finding_sites=[_finding_site(segment)],
                 algorithm_id=algorithm,
-                measurements=[
-                    hd.sr.Measurement(name=c.AREA, value=round(area_mm2, 1), unit=ucum("mm2"), algorithm_id=algorithm)
-                ],
+                measurements=area or None,
             )
         )
     return groups
@@ -183,32 +197,32 @@ def classification_groups(result: ClassificationResult, uids: ResultUids) -> lis
     frame = result.volume.source_frames[0]
     algorithm = sr_algorithm_id(result.model)
     verdict = hd.sr.QualitativeEvaluation(name=result.finding, value=c.PRESENT if result.present else c.ABSENT)
-
-    def probability() -> hd.sr.Measurement:
-        return hd.sr.Measurement(
-            name=c.PROBABILITY, value=round(result.probability, 4), unit=ucum("1"), algorithm_id=algorithm
-        )
-
+    uid, identifier = uids.tracking(0, "image"), result.finding.meaning
     return [
+        # The probability and the threshold belong to the finding, which is about the whole image; on the hot
+        # spot the probability would read as the hot spot's own. OHIF joins this group to the box by the
+        # shared Tracking UID and shows both numbers on the box, once.
         hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=uids.tracking(0, "image"), identifier=result.finding.meaning
-            ),
+            tracking_identifier=_tracking(uid, identifier),
             finding_type=result.finding,
             algorithm_id=algorithm,
             qualitative_evaluations=[verdict],
+            measurements=[
+                hd.sr.Measurement(
+                    name=c.PROBABILITY, value=round(result.probability, 4), unit=ucum("1"), algorithm_id=algorithm
+                ),
+                hd.sr.Measurement(
+                    name=c.THRESHOLD, value=round(result.threshold, 4), unit=ucum("1"), algorithm_id=algorithm
+                ),
+            ],
             source_images=[_group_source(frame)],
         ),
-        # The probability goes with the hot spot: viewers show the numbers of the group with coordinates.
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=uids.tracking(0, "image"), identifier=f"{result.finding.meaning}: heat map hot spot"
-            ),
+            tracking_identifier=_tracking(uid, identifier),
             referenced_region=_polyline(_box(result.hotspot_box_rc), frame),
             finding_type=result.finding,
             algorithm_id=algorithm,
             qualitative_evaluations=[verdict],
-            measurements=[probability()],
         ),
     ]
 
@@ -233,11 +247,10 @@ def density_groups(result: DensityResult, uids: ResultUids) -> list[Group]:
     # outline they go to the image-level group. Viewers show the numbers of the group with coordinates, and
     # join the groups by their shared Tracking UID.
     outlined = len(result.breast_outline_rc) >= 2
+    uid, identifier = uids.tracking(0, "image"), f"Breast composition {result.category}"
     groups: list[Group] = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=uids.tracking(0, "image"), identifier=f"Breast composition {result.category}"
-            ),
+            tracking_identifier=_tracking(uid, identifier),
             finding_type=c.BREAST_COMPOSITION,
             algorithm_id=algorithm,
             qualitative_evaluations=[verdict],
@@ -248,9 +261,7 @@ def density_groups(result: DensityResult, uids: ResultUids) -> list[Group]:
     if outlined:
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=uids.tracking(0, "image"), identifier=f"Breast region (composition {result.category})"
-                ),
+                tracking_identifier=_tracking(uid, identifier),
                 referenced_region=_polyline(result.breast_outline_rc, frame),
                 finding_type=c.BREAST_COMPOSITION,
                 algorithm_id=algorithm,
@@ -259,6 +270,60 @@ def density_groups(result: DensityResult, uids: ResultUids) -> list[Group]:
             )
         )
     return groups
+
+
+def image_library(sources: Sequence[Dataset], volume: Volume) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library of the source series: one group, its common descriptors, one entry per instance.
+
+    dcmqi (DCMTK's TID1600_ImageLibrary) writes the library too. highdicom's own ``ImageLibrary`` needs Pixel
+    Spacing, Slice Thickness and Image Position at the top level (absent in an enhanced CT, where they are in
+    functional groups) and Imager Pixel Spacing on every radiograph, and would write a spacing we do not know.
+    """
+    context = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    descriptors: list[hd.sr.ContentItem] = []  # TID 1602, shared by the group
+    modality = c.acquisition_modality(volume.modality)
+    if modality is not None:
+        descriptors.append(hd.sr.CodeContentItem(name=codes.DCM.Modality, value=modality, relationship_type=context))
+    if volume.frame_of_reference_uid:
+        descriptors.append(
+            hd.sr.UIDRefContentItem(
+                name=codes.DCM.FrameOfReferenceUID, value=volume.frame_of_reference_uid, relationship_type=context
+            )
+        )
+    rows, columns = volume.pixels.shape[1:]
+    descriptors += [
+        hd.sr.NumContentItem(
+            name=codes.DCM.PixelDataRows, value=rows, unit=ucum("{pixels}"), relationship_type=context
+        ),
+        hd.sr.NumContentItem(
+            name=codes.DCM.PixelDataColumns, value=columns, unit=ucum("{pixels}"), relationship_type=context
+        ),
+    ]
+    if volume.in_plane_spacing is InPlaneSpacing.PATIENT:
+        # Only a spacing in the patient (TID 1604); one at the detector would need its magnification stated.
+        for name, spacing in ((codes.DCM.HorizontalPixelSpacing, volume.spacing_mm[2]),
+                              (codes.DCM.VerticalPixelSpacing, volume.spacing_mm[1])):  # fmt: skip
+            descriptors.append(
+                hd.sr.NumContentItem(name=name, value=float(spacing), unit=ucum("mm"), relationship_type=context)
+            )
+    group = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    group.ContentSequence = hd.sr.ContentSequence(descriptors)
+    for source in sources:
+        group.ContentSequence.append(
+            hd.sr.ImageContentItem(
+                name=c.IMAGE_LIBRARY_ENTRY,
+                referenced_sop_class_uid=str(source.SOPClassUID),
+                referenced_sop_instance_uid=str(source.SOPInstanceUID),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = hd.sr.ContentSequence([group])
+    return library
 
 
 def _what(result: SegmentationResult | ClassificationResult | DensityResult) -> str:
@@ -306,6 +371,10 @@ def make_report(
         procedure_reported=c.procedure_reported(sources[0]),
         imaging_measurements=groups,
     )
+    # TID 1500 row 6: the Image Library comes before the Imaging Measurements.
+    content = report[0].ContentSequence
+    measurements_at = next(i for i, item in enumerate(content) if item.name == codes.DCM.ImagingMeasurements)
+    content.insert(measurements_at, image_library(sources, result.volume))
     evidence = [*sources, *([seg] if seg is not None else [])]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
