@@ -584,7 +584,10 @@ def _settle_character_set(ds: Dataset, context: _Context) -> list[Repair]:
     """A Specific Character Set the writers accept that matches the text's bytes; re-encode as UTF-8 if need be."""
     terms = _source_terms(ds)
     declared = _declared_terms(terms)
-    if (declared and _writers_accept(declared)) or (not declared and not context.non_ascii):
+    # ISO 2022 code extensions (Japanese, Korean: "ISO 2022 IR 87", "ISO 2022 IR 149") are valid, but DCMTK's SR
+    # tools and many viewers cannot read them: non-ASCII text in them is written as UTF-8, the same text.
+    extended = context.non_ascii and any(t.startswith("ISO 2022") and t != "ISO 2022 IR 6" for t in declared)
+    if not extended and ((declared and _writers_accept(declared)) or (not declared and not context.non_ascii)):
         if declared == terms:
             return []
         if declared:
@@ -596,7 +599,11 @@ def _settle_character_set(ds: Dataset, context: _Context) -> list[Repair]:
     # the source and declare UTF-8, which holds any of it.
     _re_encode(ds, context, inherited=_inherited_tags())
     _declare(ds, [UTF8])
-    why = "not one the writers accept" if declared else "absent, and the text is not ASCII"
+    why = (
+        ("uses ISO 2022 code extensions" if extended else "not one the writers accept")
+        if declared
+        else ("absent, and the text is not ASCII")
+    )
     return [Repair("SpecificCharacterSet", RepairAction.RE_ENCODED, f"the source's is {why}; text written as {UTF8}")]
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from pipelines.dicom.inherit import Repair, clean_inherited
+from pipelines.dicom.inherit import Repair, RepairAction, clean_inherited
 from pipelines.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -31,11 +33,33 @@ def _cleaned_copy(ds: Dataset) -> tuple[Dataset, list[Repair]]:
     out = Dataset({tag: elem for tag, elem in ds.items() if tag not in _BULK})
     if hasattr(ds, "file_meta"):
         out.file_meta = copy.copy(ds.file_meta)
-    repairs = clean_inherited(out)
+    repairs = clean_inherited(out) + _clean_image_numbers(out)
     # Frame of Reference (PS3.3 C.7.4.1): Position Reference Indicator is Type 2, and scanners omit it.
     if "FrameOfReferenceUID" in out and "PositionReferenceIndicator" not in out:
         out.PositionReferenceIndicator = ""
     return out, repairs
+
+
+#: Image attributes the SEG writer reads from its sources (Pixel Measures): a value that is not a
+#: positive number ("8 mm") stopped the SEG. The volume's own geometry comes from positions and spacing.
+_OPTIONAL_IMAGE_NUMBERS = ("SliceThickness", "SpacingBetweenSlices")
+
+
+def _clean_image_numbers(ds: Dataset) -> list[Repair]:
+    repairs = []
+    for keyword in _OPTIONAL_IMAGE_NUMBERS:
+        if keyword not in ds:
+            continue
+        try:
+            value = float(ds[keyword].value)
+            valid = math.isfinite(value) and value > 0
+        except (TypeError, ValueError, OverflowError):
+            valid = False
+        if not valid:
+            # Emptied, not removed: Slice Thickness is Type 2 in the CT Image module and the SEG writer reads it.
+            ds[keyword] = DataElement(Tag(keyword), "DS", None)
+            repairs.append(Repair(keyword, RepairAction.EMPTIED, "not a positive number"))
+    return repairs
 
 
 def _log(repairs: Counter[Repair], of: int) -> None:
@@ -78,5 +102,12 @@ def ordered_sources(volume: Volume, datasets: Sequence[Dataset]) -> list[Dataset
         if uid not in seen:
             seen[uid], own = _cleaned_copy(by_uid[uid])
             repairs.update(own)
+            copied = seen[uid]
+            if "SliceThickness" in copied and copied.SliceThickness in (None, "") and volume.in_plane_spacing.known:
+                # The SEG's Pixel Measures need a thickness (Type 1C): that of its own voxels, the slice step.
+                # A new element: the copy shares its elements with the source, which stays as it is.
+                step = round(float(volume.spacing_mm[0]), 6)
+                copied[Tag("SliceThickness")] = DataElement(Tag("SliceThickness"), "DS", step)
+                repairs[Repair("SliceThickness", RepairAction.NORMALISED, "set to the spacing between slices")] += 1
     _log(repairs, len(seen))
     return list(seen.values())
