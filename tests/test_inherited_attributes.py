@@ -317,6 +317,14 @@ CHARACTER_SETS: dict[str, tuple[str | list[str] | None, bytes | str, str]] = {
         JAPANESE,
         "Yamada^Tarou=山田^太郎=やまだ^たろう",
     ),
+    # Issue 12 item 7: how Korean scanners write, an empty value 1 then the code extension (PS3.5 H.3.2 style).
+    "Korean, ISO 2022 IR 149 with an empty value 1": (
+        ["", "ISO 2022 IR 149"],
+        "Hong^Gildong=洪^吉洞=홍^길동",
+        "Hong^Gildong=洪^吉洞=홍^길동",
+    ),
+    "Latin-1, ISO 2022 IR 100 with an empty value 1": (["", "ISO 2022 IR 100"], "Gröbner^Wolfgang", "Gröbner^Wolfgang"),
+    "ISO 2022 IR 6 alone": ("ISO 2022 IR 6", "Doe^Jane", "Doe^Jane"),
     "Chinese, GB18030": ("GB18030", "Wang^XiaoDong=王^小东", "Wang^XiaoDong=王^小东"),
     "UTF-8": ("ISO_IR 192", "Gröbner^Wolfgang=グレブナー^ヴォルフガング", "Gröbner^Wolfgang=グレブナー^ヴォルフガング"),
     "Latin-1 bytes without a Specific Character Set": (None, b"Gr\xf6bner^Wolfgang", "Gröbner^Wolfgang"),
