@@ -17,7 +17,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import is_postgres
-from db.models import Delivery, DeliveryState, Job, JobState, utcnow
+from db.models import AuditEvent, Delivery, DeliveryState, Job, JobState, utcnow
 from db.states import set_job_state
 
 
@@ -84,9 +84,7 @@ def reclaim_stale_jobs(
         if is_postgres(session.get_bind()):
             stmt = stmt.with_for_update(skip_locked=True)
         for job in session.scalars(stmt):
-            owner_host, _, rest = (job.claimed_by or "").partition(":")
-            pid_text = rest.partition(":")[0]
-            dead_here = owner_host == host and pid_text.isdigit() and not _pid_alive(int(pid_text))
+            dead_here = _held_by_dead_process_here(job.claimed_by, host)
             expired = job.heartbeat_at is None or job.heartbeat_at < now - timedelta(seconds=lease_s)
             if not (dead_here or expired):
                 continue
@@ -97,6 +95,49 @@ def reclaim_stale_jobs(
             job.claimed_by = None
             reclaimed.append(job.id)
     return reclaimed
+
+
+def _held_by_dead_process_here(owner: str | None, host: str) -> bool:
+    owner_host, _, rest = (owner or "").partition(":")
+    pid_text = rest.partition(":")[0]
+    return owner_host == host and pid_text.isdigit() and not _pid_alive(int(pid_text))
+
+
+def reclaim_dead_deliveries(sessions: sessionmaker[Session], now: datetime | None = None) -> list[int]:
+    """Release at once the deliveries leased by a process of this host that no longer exists.
+
+    A sender killed during an attempt leaves its lease until it expires (minutes): the results wait
+    that long after a restart, and a PACS that stored them before the kill gets them again later.
+    Released now, they are sent again at once, with the same SOP Instance UIDs (a PACS keeps one
+    copy), and each is audited as a re-delivery: the attempt may have reached the peer.
+    """
+    now = now or utcnow()
+    host = socket.gethostname()
+    released: list[int] = []
+    with sessions() as session, session.begin():
+        stmt = select(Delivery).where(
+            Delivery.state.in_([DeliveryState.PENDING, DeliveryState.WAITING]),
+            Delivery.leased_until.is_not(None),
+            Delivery.leased_until >= now,
+        )
+        if is_postgres(session.get_bind()):
+            stmt = stmt.with_for_update(skip_locked=True)
+        for row in session.scalars(stmt):
+            if not _held_by_dead_process_here(row.leased_by, host):
+                continue
+            session.add(
+                AuditEvent(
+                    kind="redelivery",
+                    actor=row.leased_by,
+                    subject=str(row.id),
+                    detail=f"sender {row.leased_by} died during an attempt to {row.destination}; the result may have"
+                    " reached the peer and is sent again with the same SOP Instance UID",
+                )
+            )
+            row.leased_until = None
+            row.leased_by = None
+            released.append(row.id)
+    return released
 
 
 def lease_due_deliveries(

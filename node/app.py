@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
-from db.queue import process_identity, reclaim_stale_jobs
+from db.queue import process_identity, reclaim_dead_deliveries, reclaim_stale_jobs
 from node import __version__
 from node.assemble.assembler import StudyAssembler
 from node.assemble.router import Router
@@ -113,6 +113,9 @@ class NodeApp:
         reclaimed = reclaim_stale_jobs(self.sessions, lease_s=self.job_lease_s, max_attempts=self.max_job_attempts)
         if reclaimed:
             log.info("reclaimed %d jobs left running by a stopped process: %s", len(reclaimed), reclaimed)
+        released = reclaim_dead_deliveries(self.sessions)
+        if released:
+            log.warning("%d deliveries left by a stopped sender are sent again (same SOP Instance UIDs)", len(released))
 
         router = Router(self.config.routes, own_device_uid=self.device_uid, own_manufacturer=MANUFACTURER)
         assembler = StudyAssembler(self.sessions, self.spool, router, self.config.routes)
@@ -230,3 +233,6 @@ class NodeApp:
         if reclaim_stale_jobs(self.sessions, lease_s=self.job_lease_s, max_attempts=self.max_job_attempts):
             if self.pool is not None:
                 self.pool.wake()
+        released = reclaim_dead_deliveries(self.sessions)
+        if released:
+            log.warning("%d deliveries of a sender that died are sent again (same SOP Instance UIDs)", len(released))

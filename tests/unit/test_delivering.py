@@ -90,3 +90,35 @@ def test_a_delivery_waiting_for_its_peer_is_never_tried_nor_given_up(tmp_path, c
     (delivery,) = node.deliveries()
     assert (delivery.state, delivery.attempts) == (DeliveryState.WAITING, 0)
     assert delivery.last_error.startswith("waiting for a peer: the sender CT1@127.0.0.1 has no entry under peers")
+
+
+def test_deliveries_leased_by_a_sender_that_died_are_sent_again_at_once_and_audited(node: NodeParts) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from db.queue import lease_due_deliveries, reclaim_dead_deliveries
+
+    node.processed_study(ct_study())
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_owner = f"{socket.gethostname()}:{int(gone.stdout)}:outbox"
+    # The dead sender had leased the delivery for 300 s and was killed during its attempt.
+    assert lease_due_deliveries(node.sessions, dead_owner, lease_s=300, now=node.clock.now)
+    store = FakeStore(ACCEPT)
+    assert node.outbox(store).run_pass(now=node.clock.now).delivered == 0, "still held by the dead sender"
+
+    released = reclaim_dead_deliveries(node.sessions, now=node.clock.now)
+
+    assert len(released) == 1
+    assert node.outbox(store).run_pass(now=node.clock.now).delivered == 1
+    (event,) = [e for e in node.rows(AuditEvent) if e.kind == "redelivery"]
+    assert event.actor == dead_owner and "same SOP Instance UID" in event.detail
+
+
+def test_a_live_senders_lease_is_left_alone(node: NodeParts) -> None:
+    from db.queue import lease_due_deliveries, process_identity, reclaim_dead_deliveries
+
+    node.processed_study(ct_study())
+    assert lease_due_deliveries(node.sessions, process_identity("outbox"), lease_s=300, now=node.clock.now)
+
+    assert reclaim_dead_deliveries(node.sessions, now=node.clock.now) == []
