@@ -61,7 +61,7 @@ class NodeApp:
         self.engine = make_engine(node.database_url)
         upgrade(self.engine)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
-        self.spool = Spool(Path(node.spool_dir))
+        self.spool = Spool(Path(node.spool_dir), min_free_bytes=node.min_free_disk_mb * 2**20)
         self.retention = Retention(self.sessions, self.spool, node.retention_days)
         self.index = InstanceIndex(self.sessions, node.late_instances)
         self.device_uid = device_uid(config)

@@ -94,6 +94,9 @@ class NodeSettings(_Strict):
     #: A SOP Instance UID received again with changed content: keep the stored instance, or replace it.
     #: Identical re-sends always succeed; a UID already kept in another study, series or patient is refused.
     duplicates: Literal["keep-first", "replace"] = "keep-first"
+    #: Below this much free space on the spool's disk, C-STOREs are answered 0xA700 (out of resources)
+    #: before the disk is actually full: the results of what was received still fit. 0: no watermark.
+    min_free_disk_mb: int = Field(1024, ge=0)
     #: Received images are deleted this many days after their study's results were delivered; None: kept.
     retention_days: float | None = Field(None, gt=0)
     #: Maximum PDU size we receive (0 = unlimited, pynetdicom semantics).

@@ -144,8 +144,12 @@ def cmd_route_test(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from node.operate.status import collect_status, format_status
+    from node.receive.spool import Spool
 
-    status = collect_status(_sessions(_load(args)), limit=args.limit)
+    config = _load(args)
+    root = Path(config.node.spool_dir)  # status only reads: a spool not made yet is not made here
+    spool = Spool(root, min_free_bytes=config.node.min_free_disk_mb * 2**20) if root.is_dir() else None
+    status = collect_status(_sessions(config), limit=args.limit, spool=spool)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 

@@ -11,13 +11,23 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Association, AuditEvent, Delivery, Job, Result, Study
+from node.receive.spool import Spool
 
 
 def _iso(value: Any) -> str | None:
     return value.isoformat(timespec="seconds") if value is not None else None
 
 
-def collect_status(sessions: sessionmaker[Session], limit: int = 50) -> dict[str, Any]:
+def spool_status(spool: Spool) -> dict[str, Any]:
+    """Free space of the spool's disk, its watermark, and whether the node refuses C-STOREs because of it."""
+    return {
+        "free_mb": spool.free_bytes() // 2**20,
+        "min_free_mb": spool.min_free_bytes // 2**20,
+        "refusing": spool.below_watermark(),
+    }
+
+
+def collect_status(sessions: sessionmaker[Session], limit: int = 50, spool: Spool | None = None) -> dict[str, Any]:
     with sessions() as session:
         studies = session.execute(select(Study).order_by(Study.last_received_at.desc()).limit(limit)).scalars().all()
         uid_by_id = dict(session.execute(select(Study.id, Study.study_instance_uid)).all())
@@ -49,6 +59,7 @@ def collect_status(sessions: sessionmaker[Session], limit: int = 50) -> dict[str
         )
     outbox_states = Counter(d.state for d, *_ in deliveries)
     return {
+        "spool": spool_status(spool) if spool is not None else None,
         "counts": {
             "studies": {k.value: v for k, v in study_states.items()},
             "jobs": {k.value: v for k, v in job_states.items()},
@@ -115,6 +126,12 @@ def collect_status(sessions: sessionmaker[Session], limit: int = 50) -> dict[str
 
 def format_status(status: dict[str, Any]) -> str:
     lines = []
+    spool = status.get("spool")
+    if spool is not None:
+        if spool["refusing"]:
+            lines.append(f"spool: REFUSING instances (C-STORE 0xA700): {spool['refusing']}")
+        else:
+            lines.append(f"spool: {spool['free_mb']} MB free (min_free_disk_mb {spool['min_free_mb']})")
     c = status["counts"]
     for title in ("studies", "jobs", "deliveries"):
         parts = ", ".join(f"{k} {v}" for k, v in sorted(c[title].items())) or "none"

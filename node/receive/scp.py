@@ -500,6 +500,10 @@ class StorageSCP:
             log.warning("C-STORE %s refused: %s", sop_uid, damaged)
             return _failure(DATASET_MISMATCH, damaged)
 
+        full = self.spool.below_watermark()
+        if full is not None:
+            log.error("C-STORE %s refused: %s", sop_uid, full)
+            return _failure(OUT_OF_RESOURCES, full)
         relpath = Spool.instance_relpath(study_uid, series_uid, sop_uid)
         # event.dataset above was decoded from it: None only with pynetdicom's STORE_RECV_CHUNKED_DATASET,
         # which the node does not enable.

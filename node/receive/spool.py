@@ -49,11 +49,29 @@ class Spool:
         network stack's raw speed may turn this off.
     """
 
-    def __init__(self, root: Path, fsync: bool = True) -> None:
+    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        #: Below this much free space the spool takes no more instances (results are still written).
+        self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def below_watermark(self) -> str | None:
+        """Why the spool takes no more instances now (free space under ``min_free_bytes``), or None.
+
+        Refusing before the disk is full keeps room for the results of what was already received,
+        and for the database next to it; the sender keeps the instances and retries.
+        """
+        if self.min_free_bytes <= 0:
+            return None
+        free = self.free_bytes()
+        if free >= self.min_free_bytes:
+            return None
+        return f"spool free space {free // 2**20} MB below min_free_disk_mb {self.min_free_bytes // 2**20}"
 
     # -- paths -----------------------------------------------------------------------------
     @staticmethod
