@@ -160,6 +160,87 @@ class Postprocessing(_Strict):
     fill_holes: bool = False
 
 
+class Bounds(_Strict):
+    """A closed interval ``min``..``max`` of a measured quantity (its unit is in the field's name)."""
+
+    min: Annotated[float, Field(ge=0)]
+    max: Annotated[float, Field(gt=0)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Bounds:
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} is greater than max {self.max}")
+        return self
+
+    def __contains__(self, value: float) -> bool:
+        return self.min <= value <= self.max
+
+    def __str__(self) -> str:
+        return f"{self.min:g}..{self.max:g}"
+
+
+class InputProfile(_Strict):
+    """The statistical profile of the preprocessed model input, as the training script measured it.
+
+    Each input is reduced to the named ``features`` (:data:`pipelines.domain.IMAGE_STATISTICS` of the
+    network input, or for task svm the :data:`pipelines.svm.FEATURES` the SVM takes); its Mahalanobis
+    distance to the training distribution (``mean``, ``precision`` = inverse covariance) must not exceed
+    ``threshold``, which the training script calibrated on held-out training-distribution inputs.
+    """
+
+    features: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    #: Model-input values mapped to 0..1 before the image statistics (e.g. a HU window); None: already 0..1.
+    intensity_range: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+    mean: list[float]
+    precision: list[list[float]]
+    threshold: Annotated[float, Field(gt=0)]
+    #: How the threshold was set (data, sample counts, quantile): shown by ``ainode models check``.
+    calibration: str = ""
+
+    @model_validator(mode="after")
+    def _shapes_agree(self) -> InputProfile:
+        n = len(self.features)
+        if len(set(self.features)) != n:
+            raise ValueError(f"features must be unique, got {self.features}")
+        if len(self.mean) != n:
+            raise ValueError(f"mean has {len(self.mean)} values for {n} features")
+        if len(self.precision) != n or any(len(row) != n for row in self.precision):
+            raise ValueError(f"precision must be a {n} x {n} matrix (one row and column per feature)")
+        if self.intensity_range is not None and not self.intensity_range[0] < self.intensity_range[1]:
+            raise ValueError(f"intensity_range {self.intensity_range} must be increasing")
+        return self
+
+
+class Domain(_Strict):
+    """What the model was validated on; input outside any declared bound is "not analysed".
+
+    Every field is optional: only what is declared is checked. Header values are compared in upper
+    case (DICOM Code Strings); an attribute the source does not carry is not checked (nothing was
+    measured), nor is a spacing the loader could not establish.
+    """
+
+    #: DICOM Modality values; must be among the manifest's ``modalities``.
+    modalities: list[Annotated[str, Field(pattern=r"^[A-Z]{2,4}$")]] | None = None
+    #: Body Part Examined (0018,0015) values, e.g. CHEST.
+    body_parts: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = None
+    #: View Position (0018,5101) values, e.g. PA, AP, CC, MLO.
+    view_positions: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = None
+    #: Photometric Interpretation (0028,0004) values of the stored pixels.
+    photometric_interpretations: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = None
+    #: In-plane pixel spacing (row and column), mm.
+    pixel_spacing_mm: Bounds | None = None
+    #: Rows and columns of the image, pixels.
+    matrix: Bounds | None = None
+    #: Rows x row spacing and columns x column spacing, mm.
+    field_of_view_mm: Bounds | None = None
+    profile: InputProfile | None = None
+
+    @field_validator("modalities", "body_parts", "view_positions", "photometric_interpretations")
+    @classmethod
+    def _upper_case(cls, values: list[str] | None) -> list[str] | None:
+        return None if values is None else [v.strip().upper() for v in values]
+
+
 class ModelManifest(_Strict):
     """Everything the node needs to know about a model folder."""
 
@@ -176,6 +257,16 @@ class ModelManifest(_Strict):
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     #: Slices (or images) per inference call; None lets the pipeline choose.
     batch_size: Annotated[int, Field(ge=1, le=1024)] | None = None
+    #: What the model was validated on (pipelines.domain); a manifest without it is not checked, as before.
+    domain: Domain | None = None
+
+    @model_validator(mode="after")
+    def _domain_within_modalities(self) -> ModelManifest:
+        if self.domain is not None and self.domain.modalities is not None:
+            extra = [m for m in self.domain.modalities if m not in self.modalities]
+            if extra:
+                raise ValueError(f"domain.modalities {extra} are not among the model's modalities {self.modalities}")
+        return self
 
     @model_validator(mode="after")
     def _task_needs(self) -> ModelManifest:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.domain import IMAGE_STATISTICS, describe_domain
 from pipelines.manifest import ManifestError, ModelManifest, OutputKind, Task, load_manifest
 from pipelines.runtime import LoadedModel, ModelIntegrityError, ModelRegistry, load_model
 
@@ -27,6 +28,8 @@ class Check:
 class ModelCheckReport:
     path: Path
     checks: list[Check] = field(default_factory=list)
+    #: What the manifest says the model was validated on, one line per bound (``describe_domain``).
+    domain: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -41,7 +44,24 @@ class ModelCheckReport:
         lines += [
             f"  [{'ok' if c.passed else 'FAIL'}] {c.name}" + (f": {c.detail}" if c.detail else "") for c in self.checks
         ]
+        if self.domain:
+            lines.append("  validated domain (other input is not analysed: outside-validated-domain):")
+            lines += [f"    {line}" for line in self.domain]
         return "\n".join(lines)
+
+
+def _profile_features_known(manifest: ModelManifest) -> tuple[bool, str]:
+    """Whether the domain profile names features the node can compute for this task."""
+    from pipelines.svm import FEATURES
+
+    profile = manifest.domain.profile if manifest.domain else None
+    if profile is None:
+        return True, "no input profile"
+    known = FEATURES if manifest.task is Task.SVM else IMAGE_STATISTICS
+    unknown = [n for n in profile.features if n not in known]
+    if unknown:
+        return False, f"unknown {unknown}; known for task {manifest.task.value}: {sorted(known)}"
+    return True, ", ".join(profile.features)
 
 
 def _expected_shape(manifest: ModelManifest, index: int, batch: int) -> tuple[int | None, ...] | None:
@@ -78,6 +98,9 @@ def check_model_dir(path: Path, providers: list[str] | None = None) -> ModelChec
         report.add("manifest valid", False, str(exc))
         return report
     report.add("manifest valid", True, f"{manifest.name} {manifest.version} ({manifest.task.value})")
+    report.domain = describe_domain(manifest.domain)
+    if not report.add("domain profile features", *_profile_features_known(manifest)):
+        return report
     try:
         model: LoadedModel = load_model(Path(path), providers)
     except ModelIntegrityError as exc:

@@ -127,19 +127,31 @@ def describe_selection(
     return head + ("; skipped " + "; ".join(skipped) if skipped else "")
 
 
-def run_pipeline(model: LoadedModel, volume: Volume, batch_size: int | None = None) -> PipelineResult | NotAnalysed:
+def run_pipeline(
+    model: LoadedModel,
+    volume: Volume,
+    batch_size: int | None = None,
+    headers: Sequence[Dataset] | None = None,
+) -> PipelineResult | NotAnalysed:
     """Run ``model`` on ``volume`` with the pipeline of its manifest's task, and return its plain result.
 
     Unsuitable input (wrong modality, no pixels, not axial, not a single image...) comes back as
     :class:`~pipelines.notanalysed.NotAnalysed` with a specific reason; only genuine faults (a broken
     model, a bug) raise. ``batch_size`` overrides the manifest's slices per inference call (segmentation).
+
+    Input outside the manifest's validated ``domain`` is not analysed (OUTSIDE_VALIDATED_DOMAIN), checked
+    here, once, before any pipeline runs: ``headers`` are the source datasets of ``volume`` (the chosen
+    series' instances), which the body part, view position and photometric interpretation bounds read;
+    without them only the volume's own bounds (modality, geometry, input profile) are checked.
     """
     from pipelines.classification import classify
+    from pipelines.domain import check_domain
     from pipelines.segmentation import segment
     from pipelines.svm import assess_density
 
     task = model.manifest.task
     try:
+        check_domain(model.manifest, volume, headers)
         if task is Task.SEGMENTATION:
             return segment(model, volume, batch_size)
         if task is Task.CLASSIFICATION:
@@ -225,7 +237,7 @@ class OnnxStudyRunner:
             # The volume holds the pixels now; the writers need headers only (SC renders from the volume).
             ds.pop(0x7FE00010, None)
         t0 = time.monotonic()
-        result = run_pipeline(model, volume, batch_size=self.batch_size)
+        result = run_pipeline(model, volume, batch_size=self.batch_size, headers=datasets)
         model_s = time.monotonic() - t0
         if isinstance(result, NotAnalysed):
             return RunOutcome(not_analysed=str(result), model_s=model_s, selection=selection)

@@ -69,7 +69,8 @@ def test_fatty_breast_has_low_dense_fraction(density_model):
 
 
 def test_blank_image_is_not_analysed(density_model):
-    outcome = run_pipeline(density_model, mammogram_volume(np.full((200, 160), 12.0)))
+    # A matrix within the model's validated domain (256..512): the blank image is what is refused.
+    outcome = run_pipeline(density_model, mammogram_volume(np.full((320, 256), 12.0)))
     assert isinstance(outcome, NotAnalysed) and outcome.reason is NotAnalysedReason.MISSING_PIXEL_DATA
 
 

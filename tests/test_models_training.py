@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.manifest import load_manifest
 from pipelines.modelcheck import check_model_dir
 from tests.support import REPO
 
@@ -32,3 +33,6 @@ def test_tiny_training_run_writes_a_model_folder_that_passes_models_check(script
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics[metric] <= 1.0
     assert (out / "model.yaml").read_text().count("sha256:") == 1
+    # The script records what the model was validated on, with the profile of its preprocessed input.
+    domain = load_manifest(out).domain
+    assert domain is not None and domain.profile is not None and domain.profile.threshold > 0

@@ -23,6 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from onnx_models.training.common import MODELS_DIR, seed_everything, write_model_folder
+from onnx_models.training.domain_profile import domain_section
 from onnx_models.training.mammo_phantom import CATEGORIES, make_mammo_phantom
 from pipelines.svm import compute_features
 
@@ -91,7 +92,8 @@ def train(args: argparse.Namespace) -> dict:
         target_opset={"": 17, "ai.onnx.ml": 3},
     )
     (out / "model.onnx").write_bytes(onx.SerializeToString())
-    write_model_folder(out, manifest(args.tiny), metrics)
+    spec = manifest(args.tiny)
+    write_model_folder(out, spec | {"domain": domain_section("breast-density", spec, args.seed, args.tiny)}, metrics)
     return metrics
 
 

@@ -3,8 +3,9 @@
     python3 -m onnx_models.training.train_chest_xray
     python3 -m onnx_models.training.train_chest_xray --tiny --out /tmp/cxr
 
-Writes model.onnx (outputs ``probability`` (N, 1) and ``cam`` (N, 1, 16, 16)), model.yaml,
-metrics.json (held-out accuracy, AUC, hot-spot hit rate) and model.pt.
+Writes model.onnx (outputs ``probability`` (N, 1) and ``cam`` (N, 1, 16, 16)), model.yaml (with the
+validated input domain, onnx_models/training/domain_profile.py), metrics.json (held-out accuracy, AUC,
+hot-spot hit rate) and model.pt.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from onnx_models.training.common import MODELS_DIR, export_torch, seed_everything, write_model_folder
+from onnx_models.training.domain_profile import domain_section
 from onnx_models.training.nets import OpacityCNN
 from onnx_models.training.xray_phantom import make_xray_phantom
 from pipelines.preprocess import normalise_intensity, resize_slices
@@ -118,7 +120,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     model.eval()
     torch.save({"base": base, "state_dict": model.state_dict()}, out / "model.pt")
     export_torch(model, torch.zeros(1, 1, SIZE, SIZE), out / "model.onnx", "image", ["probability", "cam"])
-    write_model_folder(out, manifest(args.tiny), metrics)
+    spec = manifest(args.tiny)
+    write_model_folder(out, spec | {"domain": domain_section("chest-xray", spec, args.seed, args.tiny)}, metrics)
     return metrics
 
 

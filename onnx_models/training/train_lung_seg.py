@@ -3,8 +3,8 @@
     python3 -m onnx_models.training.train_lung_seg            # full model (a few minutes on 2 cores)
     python3 -m onnx_models.training.train_lung_seg --tiny --out /tmp/lung   # seconds, proves the script works
 
-Writes model.onnx, model.yaml (with the SHA-256), metrics.json (held-out Dice) and model.pt
-(the PyTorch weights, used by the eager-mode benchmark) into the output folder.
+Writes model.onnx, model.yaml (with the SHA-256 and the validated input domain), metrics.json (held-out
+Dice) and model.pt (the PyTorch weights, used by the eager-mode benchmark) into the output folder.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from onnx_models.training.common import (
     write_model_folder,
 )
 from onnx_models.training.ct_phantom import LEFT_LUNG, RIGHT_LUNG, make_ct_phantom
+from onnx_models.training.domain_profile import domain_section
 from onnx_models.training.nets import SegmentationGraph, UNet2D
 from pipelines.preprocess import apply_window, resize_slices
 
@@ -119,15 +120,16 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     torch.save({"base": base, "state_dict": model.state_dict()}, out / "model.pt")
-    export(model, out, args.tiny, metrics)
+    export(model, out, args.tiny, metrics, args.seed)
     return metrics
 
 
-def export(model: UNet2D, out: Path, tiny: bool, metrics: dict) -> None:
+def export(model: UNet2D, out: Path, tiny: bool, metrics: dict, seed: int) -> None:
     """model.onnx = window + pooling + U-Net + upsampling + argmax (:class:`SegmentationGraph`), and model.yaml."""
     graph = SegmentationGraph(model.eval(), WINDOW["center"], WINDOW["width"], GRAPH_SIZE // SIZE)
     export_torch(graph, torch.zeros(1, 1, GRAPH_SIZE, GRAPH_SIZE), out / "model.onnx", "hu", ["labels"])
-    write_model_folder(out, manifest(tiny), metrics)
+    spec = manifest(tiny)
+    write_model_folder(out, spec | {"domain": domain_section("lung-seg", spec, seed, tiny)}, metrics)
 
 
 def manifest(tiny: bool) -> dict:
@@ -179,7 +181,7 @@ def main() -> None:
         state = torch.load(out / "model.pt", weights_only=True)
         model = UNet2D(base=state["base"])
         model.load_state_dict(state["state_dict"])
-        export(model, out, args.tiny, json.loads((out / "metrics.json").read_text()))
+        export(model, out, args.tiny, json.loads((out / "metrics.json").read_text()), args.seed)
     else:
         train(args)
 
