@@ -20,6 +20,7 @@ from node.phi import REDACTED, identifying_values, redact
 from tests.support.cli import ainode
 from tests.support.nodeproc import NodeProcess, node_section
 from tests.support.peers import StoreSCP, storescu
+from tests.support.runners import models_without_domain
 from tests.support.series import ct_series, save
 from tests.support.waiting import wait_for
 
@@ -84,8 +85,11 @@ def test_nothing_the_node_writes_besides_dicom_files_names_the_patient(tmp_path:
     folder.mkdir()
     for k, ds in enumerate(slices):
         save(ds, folder / f"{k}.dcm")
+    # A 32 x 32 synthetic CT is outside lung-seg's validated domain: the node analyses it with a copy of the
+    # model that declares none (what matters here is what the node writes while a real job runs).
+    models = models_without_domain(tmp_path / "models")
     config = {
-        "node": node_section(tmp_path, log_level="DEBUG"),
+        "node": node_section(tmp_path, log_level="DEBUG", models_dirs=[str(models)]),
         "peers": {"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port}},
         "routes": [
             {

@@ -88,8 +88,10 @@ def test_chest_radiograph_is_classified_with_report_and_heat_map_capture(tmp_pat
     items = [i for group in groups for i in group.ContentSequence]
     verdicts = [i for i in items if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeMeaning == "Opacity"]
     assert {v.ConceptCodeSequence[0].CodeMeaning for v in verdicts} == {"Present" if expected.present else "Absent"}
-    (probability,) = [i for i in items if i.ValueType == "NUM"]
+    numbers = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in items if i.ValueType == "NUM"}
+    probability, threshold = numbers["Probability"], numbers["Threshold Value"]  # on the image-level finding
     assert float(probability.MeasuredValueSequence[0].NumericValue) == pytest.approx(expected.probability, abs=1e-4)
+    assert float(threshold.MeasuredValueSequence[0].NumericValue) == pytest.approx(expected.threshold)
 
 
 def test_mammogram_gets_a_density_report(tmp_path: Path):

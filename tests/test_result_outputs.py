@@ -94,7 +94,8 @@ def test_the_job_keeps_what_was_built_and_names_each_output_that_was_not(
 
     class LungRunner:  # the real study runner, asked for every output kind
         def run(self, pipeline, series_files, outputs):  # type: ignore[no-untyped-def]
-            return onnx_study_runner().run("lung-seg", series_files, {"seg", "sr", "sc"})
+            # Without the validated domain: a 32 x 32 synthetic CT is outside lung-seg's.
+            return onnx_study_runner(domain=False).run("lung-seg", series_files, {"seg", "sr", "sc"})
 
     assert node.worker(runner=LungRunner()).run_once()
 
@@ -141,7 +142,8 @@ def test_a_ct_without_valid_pixel_spacing_is_not_analysed_rather_than_measured_i
     slices = ct_series(20, pixel_spacing=(0.0, 0.0))
     files = [save(ds, tmp_path / f"{k}.dcm") for k, ds in enumerate(slices)]
 
-    outcome = onnx_study_runner().run("lung-seg", {str(slices[0].SeriesInstanceUID): files}, {"seg", "sr"})
+    runner = onnx_study_runner(domain=False)  # the spacing, not the synthetic matrix, is what is refused here
+    outcome = runner.run("lung-seg", {str(slices[0].SeriesInstanceUID): files}, {"seg", "sr"})
 
     assert outcome.datasets == []
     assert outcome.not_analysed is not None and outcome.not_analysed.startswith("unknown-pixel-spacing: ")

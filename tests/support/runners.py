@@ -30,11 +30,38 @@ def result_uid_key(pipeline: str, series_files: Mapping[str, Sequence[Path]]) ->
     return key
 
 
-def onnx_study_runner(**options: object) -> StudyRunner:
+def models_without_domain(folder: Path) -> Path:
+    """Copies of the bundled models in ``folder`` whose manifests declare no validated ``domain``.
+
+    For tests of the node's path (writers, jobs, series selection) on small synthetic series, which lie
+    outside what the reference models were validated on (a 32 x 32 CT is no chest CT): as an AI
+    engineer's model without a ``domain`` is, they are analysed. Listed after the bundled folder
+    (``models_dirs``), they replace the bundled models of the same name. The ONNX files are linked.
+    """
+    import yaml
+
+    from pipelines.runtime import bundled_models_dir
+
+    for manifest_path in sorted(bundled_models_dir().glob("*/model.yaml")):
+        target = folder / manifest_path.parent.name
+        target.mkdir(parents=True, exist_ok=True)
+        manifest = yaml.safe_load(manifest_path.read_text())
+        manifest.pop("domain", None)
+        (target / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+        for other in manifest_path.parent.iterdir():
+            if other.name != "model.yaml" and not (target / other.name).exists():
+                (target / other.name).symlink_to(other.resolve())
+    return folder
+
+
+def onnx_study_runner(*, domain: bool = True, **options: object) -> StudyRunner:
     """The node's own study runner on the bundled models (select -> load -> run -> write), for tests.
 
+    ``domain`` False: the models without their validated domain (:func:`models_without_domain`).
     Imported here only, so that a move of the runner changes one line of the tests.
     """
+    import tempfile
+
     from pipelines.dicom import Equipment
     from pipelines.runtime import ModelRegistry, bundled_models_dir
     from pipelines.study import OnnxStudyRunner
@@ -45,7 +72,10 @@ def onnx_study_runner(**options: object) -> StudyRunner:
         software_versions="0",
         device_uid=generate_uid(entropy_srcs=["tests device"]),
     )
-    return OnnxStudyRunner(ModelRegistry(bundled_models_dir()), equipment, **options)  # type: ignore[arg-type]
+    dirs = [bundled_models_dir()]
+    if not domain:
+        dirs.append(models_without_domain(Path(tempfile.mkdtemp(prefix="models-without-domain-"))))
+    return OnnxStudyRunner(ModelRegistry(dirs), equipment, **options)  # type: ignore[arg-type]
 
 
 class ThumbnailRunner:
