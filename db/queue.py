@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import is_postgres
 from db.models import AuditEvent, Delivery, DeliveryState, Job, JobState, utcnow
-from db.states import set_job_state
+from db.states import finish_job, set_job_state
 
 
 def process_identity(suffix: str = "") -> str:
@@ -89,7 +89,10 @@ def reclaim_stale_jobs(
             if not (dead_here or expired):
                 continue
             if job.attempts >= max_attempts:
-                set_job_state(job, JobState.FAILED, f"worker died {job.attempts} times while running this job", now)
+                # finish_job, not set_job_state: the study must leave "queued" with its last job (a study left
+                # queued for ever was found by the kill -9 campaign).
+                why = f"worker died {job.attempts} times while running this job"
+                finish_job(session, job, JobState.FAILED, why, now)
             else:
                 set_job_state(job, JobState.QUEUED, f"requeued: worker {job.claimed_by} stopped while running it", now)
             job.claimed_by = None

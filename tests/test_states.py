@@ -268,6 +268,9 @@ def test_the_reclaimer_requeues_a_job_whose_worker_stopped_then_fails_it(session
         assert job is not None
         assert (job.state, job.finished_at, job.claimed_by) == (JobState.FAILED, later + timedelta(seconds=300), None)
         assert job.reason == "worker died 2 times while running this job"
+        # Its study does not stay "queued" for ever (found by the kill -9 campaign): its last job has ended.
+        study = session.get(Study, job.study_id)
+        assert study is not None and study.state == StudyState.PROCESSED
 
 
 # -- nothing else assigns a state ---------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -16,7 +17,11 @@ def main() -> None:
     config = load_config(sys.argv[1])
     setup_logging(config.node.log_level)
     lease_s = float(sys.argv[2]) if len(sys.argv) > 2 else 120.0
-    app = NodeApp(config, runner=ThumbnailRunner(), job_lease_s=lease_s, assembler_poll_s=0.2)
+    # A campaign that kills the whole node again and again may stop one job more often than a node would.
+    attempts = int(os.environ.get("AINODE_TEST_MAX_JOB_ATTEMPTS", "3"))
+    app = NodeApp(
+        config, runner=ThumbnailRunner(), job_lease_s=lease_s, max_job_attempts=attempts, assembler_poll_s=0.2
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
