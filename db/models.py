@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -263,3 +264,37 @@ class AuditEvent(Base):
     actor: Mapped[str | None] = mapped_column(String(128))
     subject: Mapped[str | None] = mapped_column(String(128))
     detail: Mapped[str | None] = mapped_column(Text)
+    #: When the event reached the site's audit repository (``audit.syslog``, node/audit/); None: not yet.
+    #: A mark per event, not one "last id" cursor: PostgreSQL commits ids out of order, and a cursor
+    #: past an id still being committed would skip that event for ever.
+    forwarded_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+    __table_args__ = (
+        # Only the events not forwarded yet: the forwarder's one query, small once it has caught up.
+        Index(
+            "ix_audit_events_unforwarded",
+            "id",
+            postgresql_where=text("forwarded_at IS NULL"),
+            sqlite_where=text("forwarded_at IS NULL"),
+        ),
+    )
+
+
+class AuditForwarding(Base):
+    """The audit trail's way to the site's audit repository: who forwards it now, and how that goes.
+
+    One row per target (``syslog``). Of the processes sharing a database, the one holding the lease
+    forwards, so events go out once and in order; another takes over when the lease runs out.
+    """
+
+    __tablename__ = "audit_forwarding"
+
+    target: Mapped[str] = mapped_column(String(64), primary_key=True)
+    leased_by: Mapped[str | None] = mapped_column(String(128))
+    leased_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    #: Events forwarded in all, and the last time some were.
+    forwarded: Mapped[int] = mapped_column(Integer, default=0)
+    last_forwarded_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    #: Since when the target cannot be reached, and why; None while it can.
+    failing_since: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -7,9 +7,14 @@ moment and a restart resumes from the database alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import signal
 import socket
+import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,8 +24,10 @@ from db.queue import process_identity, reclaim_dead_deliveries, reclaim_stale_jo
 from node import __version__
 from node.assemble.assembler import StudyAssembler
 from node.assemble.router import Router
-from node.config import Config, delivery_warnings, display_database_url
+from node.audit.forwarder import AuditForwarder, audit_loop
+from node.config import Config, ConfigError, delivery_warnings, display_database_url
 from node.deliver.outbox import Backoff, Outbox, outbox_loop
+from node.deliver.scu import PeerAddress, StoreOutcome, store
 from node.identity import MANUFACTURER, device_uid
 from node.loops import Loop
 from node.models import study_runner_from_config
@@ -28,6 +35,7 @@ from node.receive.ingest import InstanceIndex, reconcile_spool
 from node.receive.retention import Retention
 from node.receive.scp import AssociationLimits, StorageSCP, known_hosts, listen
 from node.receive.spool import Spool
+from node.tls import NodeTLS
 from node.work.destinations import make_resolver
 from node.work.worker import Worker, WorkerPool
 from pipelines.study import StudyRunner
@@ -58,6 +66,8 @@ class NodeApp:
     ) -> None:
         self.config = config
         node = config.node
+        #: Read (and checked: ConfigError naming the file) before the database is touched; again on SIGHUP.
+        self.tls = NodeTLS(config) if node.tls is not None else None
         self.engine = make_engine(node.database_url)
         upgrade(self.engine)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
@@ -74,6 +84,7 @@ class NodeApp:
         self.pool: WorkerPool | None = None
         self.outbox_thread: Loop | None = None
         self.loops: list[Loop] = []
+        self._previous_sighup: Any = None
 
     # -- parts -----------------------------------------------------------------------------
     def _make_runner(self) -> StudyRunner:
@@ -92,20 +103,36 @@ class NodeApp:
             backoff=self.backoff(),
             owner=owner or self.identity,
             resolve=make_resolver(self.config),
+            store_fn=self._store,
         )
 
+    def _store(self, calling_ae: str, peer: PeerAddress, items: Sequence[Any]) -> list[StoreOutcome]:
+        """C-STORE to ``peer``, over TLS when the configured peer at that address has ``tls: true``."""
+        if self.tls is not None and any(
+            (p.ae_title, p.host, p.port) == (peer.ae_title, peer.host, peer.port) and p.tls
+            for p in self.config.peers.values()
+        ):
+            # The client context in force now: certificates reloaded on SIGHUP apply from the next send.
+            peer = dataclasses.replace(peer, tls=self.tls.contexts.client)
+        return store(calling_ae, peer, items)
+
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self, listener: socket.socket | None = None) -> None:
+    def start(self, listener: socket.socket | None = None, tls_listener: socket.socket | None = None) -> None:
         """Bind the DICOM port, check the spool, start workers, outbox and loops, then accept associations.
 
         The port is bound first (or ``listener`` is used, bound by the caller before anything else):
         a port in use raises :class:`ListenError` before the spool clean-up, which would delete files
         another node on that port is writing. Associations are accepted only after the clean-up, so
-        that it never removes a file an accepted association is writing.
+        that it never removes a file an accepted association is writing. The same holds for the
+        DICOM TLS port (``node.tls.port``, or ``tls_listener``); either port may be absent.
         """
         node = self.config.node
-        if node.role in ("all", "receiver") and listener is None:
+        receives = node.role in ("all", "receiver")
+        if receives and listener is None and node.port is not None:
             listener = listen(node.host, node.port)
+        tls_port = node.tls.port if node.tls is not None else None
+        if receives and tls_listener is None and tls_port is not None:
+            tls_listener = listen(node.host, tls_port)
         removed = self.spool.remove_temp_files()
         indexed = reconcile_spool(self.spool, self.index)
         if removed or indexed:
@@ -155,6 +182,8 @@ class NodeApp:
             Loop("reclaimer", self._reclaim, max(1.0, self.job_lease_s / 2), log=log),
             Loop("retention", self.retention.run, 600.0, log=log),
         ]
+        if self.config.audit.syslog is not None:  # the audit trail, to the site's audit repository (node/audit/)
+            self.loops.append(audit_loop(AuditForwarder.from_config(self.config, self.sessions, self.identity)))
         for loop in self.loops:
             loop.start()
 
@@ -189,8 +218,33 @@ class NodeApp:
                 ),
                 duplicates=node.duplicates,
             )
-            self.scp.start(node.host, node.port, listener)
+            if listener is not None:
+                self.scp.start(node.host, node.port or 0, listener)
+            if tls_listener is not None and self.tls is not None:
+                self.scp.start(node.host, tls_port or 0, tls_listener, ssl_context=self.tls.contexts.server)
+        if self.tls is not None and threading.current_thread() is threading.main_thread():
+            # Signal handlers can only be set from the main thread (a node started in a test's thread has none).
+            self._previous_sighup = signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload_tls())
         self._log_started(models)
+
+    def reload_tls(self) -> bool:
+        """SIGHUP: read the certificates again; new connections use them, associations in flight keep theirs.
+
+        A file that cannot be used now leaves the certificates in force (one error line says why).
+        """
+        if self.tls is None:
+            return False
+        try:
+            contexts = self.tls.reload()
+        except ConfigError as exc:
+            log.error("TLS certificates not reloaded, the node keeps those it has: %s", exc)
+            return False
+        if self.scp is not None:
+            self.scp.use_ssl_context(contexts.server)
+        tls = self.tls.settings
+        log.info("TLS certificates reloaded (%s, %s, CA %s): new connections use them", tls.cert_file,
+                 tls.key_file, tls.ca_file)  # fmt: skip
+        return True
 
     def _log_started(self, models: str) -> None:
         """A few lines that say what this node runs with: where its state is, who it talks to, what it runs."""
@@ -209,7 +263,9 @@ class NodeApp:
             display_database_url(node.database_url),
             self.spool.root.absolute(),
         )
-        peers = ", ".join(f"{k}={p.ae_title}@{p.host}:{p.port}" for k, p in config.peers.items()) or "none"
+        peers = ", ".join(
+            f"{k}={p.ae_title}@{p.host}:{p.port}{' (TLS)' if p.tls else ''}" for k, p in config.peers.items()
+        ) or "none"  # fmt: skip
         routes = "; ".join(f"{r.name} -> {r.pipeline} -> {','.join(r.destinations)}" for r in config.routes) or "none"
         log.info("peers: %s", peers)
         log.info("routes: %s", routes)
@@ -218,6 +274,9 @@ class NodeApp:
             log.warning("%s", warning)
 
     def stop(self) -> None:
+        if self._previous_sighup is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         if self.scp is not None:
             self.scp.stop()
         for loop in self.loops:

@@ -75,10 +75,34 @@ AETitle = Annotated[str, Field(description="DICOM AE title")]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
+class TLSSettings(_Strict):
+    """DICOM TLS (PS3.15 B.9): the node's certificate, and the site CA that senders and peers are verified against.
+
+    Relative paths are relative to the working folder, as ``spool_dir``. The files are read at start
+    (and by ``ainode config check``) and again on SIGHUP.
+    """
+
+    #: The TLS listener, beside the plain ``node.port``; None: certificates for outgoing associations only.
+    port: Port | None = 2762
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    #: Senders must show a certificate of ``ca_file`` (mutual authentication).
+    require_client_cert: bool = True
+
+    @model_validator(mode="after")
+    def _ca(self) -> TLSSettings:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA that signs the senders' certificates)")
+        return self
+
+
 class NodeSettings(_Strict):
     ae_title: AETitle = "AINODE"
     host: str = "0.0.0.0"
-    port: Port = 11112
+    #: The plain DICOM port; None: none (a node that receives over TLS only).
+    port: Port | None = 11112
+    tls: TLSSettings | None = None
     spool_dir: Path = Path("./var/spool")
     database_url: str = "sqlite:///./var/ainode.db"
     #: Empty: any caller. Else AE titles, optionally tied to a host: "CT1" or "PACS@10.0.0.5".
@@ -136,6 +160,15 @@ class NodeSettings(_Strict):
         return out
 
     @model_validator(mode="after")
+    def _listeners(self) -> NodeSettings:
+        tls_port = self.tls.port if self.tls is not None else None
+        if self.port is None and tls_port is None and self.role != "worker":
+            raise ValueError("port is null and there is no tls.port: the node would receive nothing")
+        if tls_port is not None and tls_port == self.port:
+            raise ValueError(f"tls.port ({tls_port}) must differ from port: one port speaks TLS, the other not")
+        return self
+
+    @model_validator(mode="after")
     def _slots(self) -> NodeSettings:
         if self.reserved_for_known_peers >= self.max_associations:
             raise ValueError(
@@ -171,6 +204,8 @@ class Peer(_Strict):
     port: Port
     #: The peer sends one whole study per association ("send to AI"): process it at release.
     complete_on_release: bool = False
+    #: Results go out over DICOM TLS, the peer verified against node.tls.ca_file.
+    tls: bool = False
     #: Which result objects this destination gets ("seg", "sr", "sc" in the file; ResultKind once validated).
     outputs: set[ResultKind] = {ResultKind.SEG, ResultKind.SR}
 
@@ -186,6 +221,58 @@ class RetryPolicy(_Strict):
     max_delay_s: float = Field(3600, gt=0)
     #: Default: keep retrying for 24 h.
     give_up_after_s: float = Field(86400, gt=0)
+
+
+class SyslogTarget(_Strict):
+    """The site's audit repository (IHE ATNA Audit Record Repository): syslog over TCP (RFC 6587), or TLS (RFC 5425).
+
+    Relative paths are relative to the working folder, as ``spool_dir``.
+    """
+
+    host: str = Field(min_length=1)
+    #: None: 6514 with TLS (RFC 5425), 601 without (RFC 6587).
+    port: Port | None = None
+    #: PS3.15 A.6 requires TLS; plain TCP is for a collector on the same host or network segment.
+    tls: bool = True
+    #: The CA the repository's certificate must chain to; None: the system's CAs.
+    ca_file: Path | None = None
+    #: The node's own certificate and key, for a repository that authenticates its senders (IHE ATNA).
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: Connecting, sending and the repository's closing of the connection each within this.
+    timeout_s: float = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _files(self) -> SyslogTarget:
+        if not self.tls and any(f is not None for f in (self.ca_file, self.cert_file, self.key_file)):
+            raise ValueError("ca_file, cert_file and key_file are for tls: true")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, key)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{key}: {path.absolute()}: no such file")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        return self.port if self.port is not None else (6514 if self.tls else 601)
+
+
+class AuditSettings(_Strict):
+    """The audit trail as DICOM audit messages (PS3.15 A.5) to the site's audit repository."""
+
+    #: None: the trail stays in the database (``audit_events``) only.
+    syslog: SyslogTarget | None = None
+    #: AuditSourceID of the messages; None: the node's AE title.
+    source_id: str | None = Field(None, min_length=1, max_length=128)
+    #: AuditEnterpriseSiteID (the hospital, as the repository knows it); None: left out.
+    enterprise_site_id: str | None = Field(None, min_length=1, max_length=128)
+    #: While the repository cannot be reached: wait this long before trying again, doubled up to max_delay_s.
+    initial_delay_s: float = Field(2, gt=0)
+    max_delay_s: float = Field(300, gt=0)
+    #: Events sent on one connection.
+    batch_size: int = Field(200, ge=1, le=10000)
 
 
 class Condition(_Strict):
@@ -255,6 +342,7 @@ class Config(_Strict):
     peers: dict[str, Peer] = {}
     routes: list[Route] = []
     delivery: RetryPolicy = RetryPolicy()
+    audit: AuditSettings = AuditSettings()
     _source: ConfigSource = PrivateAttr(default=ConfigSource(DEFAULT_CONFIG, "embedded defaults"))
 
     @property
@@ -278,6 +366,12 @@ class Config(_Strict):
                     )
         if "sender" in self.peers:
             raise ValueError("peers: 'sender' is reserved for the calling peer; choose another name")
+        tls = self.node.tls
+        for name, peer in self.peers.items():
+            if peer.tls and (tls is None or tls.ca_file is None):
+                raise ValueError(
+                    f"peers.{name}.tls: needs node.tls with cert_file, key_file and ca_file (to verify the peer)"
+                )
         return self
 
     def peer_for_caller(self, ae_title: str, host: str | None) -> tuple[str, Peer] | None:

@@ -12,10 +12,11 @@ import copy
 import errno
 import logging
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
+
+from node.tls import describe_tls_error
 
 log = logging.getLogger("ainode.scu")
 
@@ -52,6 +55,8 @@ class PeerAddress:
     ae_title: str
     host: str
     port: int
+    #: DICOM TLS (node/tls.py's client context: the peer verified, for ``host``, against the site CA); None: plain.
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -181,8 +186,12 @@ def _connect_failure(peer: PeerAddress, timeout_s: float, elapsed_s: float) -> s
     if elapsed_s >= 0.9 * timeout_s:
         return f"connection timed out after {timeout_s:g} s"
     try:
-        with socket.create_connection((peer.host, peer.port), timeout=timeout_s):
+        with socket.create_connection((peer.host, peer.port), timeout=timeout_s) as sock:
+            if peer.tls is not None:  # the handshake again, for its reason (a certificate, a version)
+                peer.tls.wrap_socket(sock, server_hostname=peer.host).close()
             return "could not connect (the port accepts connections now: try again)"
+    except ssl.SSLError as exc:
+        return f"TLS with {peer.host}:{peer.port}: {describe_tls_error(exc)}"
     except OSError as exc:
         return _socket_failure(exc, peer, timeout_s)
 
@@ -219,7 +228,12 @@ def _associate(
     started = time.monotonic()
     try:
         assoc = ae.associate(
-            peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title, evt_handlers=watch.handlers()
+            peer.host,
+            peer.port,
+            contexts=contexts,
+            ae_title=peer.ae_title,
+            evt_handlers=watch.handlers(),
+            tls_args=(peer.tls, peer.host) if peer.tls is not None else None,
         )
     except OSError as exc:  # pynetdicom resolves the host name before it connects
         raise AssociationFailed(f"association with {peer} failed: {_socket_failure(exc, peer, timeout_s)}") from None

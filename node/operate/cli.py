@@ -82,11 +82,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         problems = unknown_pipelines(config, model_names(config))
         if problems:
             raise ConfigError("\n".join(problems))
-    listener = None
+    listener = tls_listener = None
     if node.role in ("all", "receiver"):
         # Bound before the database, the spool or a worker is touched: a second node on this port stops here.
         try:
-            listener = listen(node.host, node.port)
+            listener = listen(node.host, node.port) if node.port is not None else None
+            if node.tls is not None and node.tls.port is not None:
+                tls_listener = listen(node.host, node.tls.port)
         except ListenError as exc:
             print(exc, file=sys.stderr)
             return 2
@@ -99,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    app.start(listener)
+    app.start(listener, tls_listener)
     stop.wait()
     app.stop()
     log.info("stopped")
@@ -124,11 +126,21 @@ def check_config_command(path: Path | str) -> tuple[int, str]:
     if problems:
         return 2, "\n".join(problems)
     n = cfg.node
+    if n.tls is not None:
+        from node.tls import NodeTLS
+
+        try:
+            NodeTLS(cfg)  # the certificate, key and CA files as serve reads them
+        except ConfigError as exc:
+            return 2, str(exc)
+    listening = [f"{n.host}:{n.port}"] if n.port is not None else []
+    listening += [f"{n.host}:{n.tls.port} (TLS)"] if n.tls is not None and n.tls.port is not None else []
+    ports = " and ".join(listening) or "no port"
     peers = ", ".join(f"{k}={p.ae_title}@{p.host}:{p.port}" for k, p in cfg.peers.items()) or "none"
     routes = "; ".join(f"{r.name} -> {r.pipeline} -> {','.join(r.destinations)}" for r in cfg.routes) or "none"
     warnings = "".join(f"\n  warning: {w}" for w in delivery_warnings(cfg))
     return 0, (
-        f"config OK: {path}\n  AE title {n.ae_title}, listening on {n.host}:{n.port}, {n.workers} workers, "
+        f"config OK: {path}\n  AE title {n.ae_title}, listening on {ports}, {n.workers} workers, "
         f"role {n.role}\n  database {display_database_url(n.database_url)}\n  peers: {peers}\n"
         f"  routes: {routes}{warnings}"
     )
@@ -295,6 +307,10 @@ def _peer(config: Config, name: str):  # type: ignore[no-untyped-def]
     if peer is None:
         known = ", ".join(sorted(config.peers)) or "none configured"
         raise ConfigError(f"no peer named {name!r} (known: {known})")
+    if peer.tls:  # the node's own certificate and site CA, as its outbox uses them
+        from node.tls import NodeTLS
+
+        return PeerAddress(peer.ae_title, peer.host, peer.port, tls=NodeTLS(config).contexts.client)
     return PeerAddress(peer.ae_title, peer.host, peer.port)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,9 +27,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Association as AssociationRow
 from db.models import AuditEvent, Study, utcnow
+from node.audit import trail
 from node.receive.duplicates import DuplicateDecision, DuplicatePolicy, Verdict, judge
 from node.receive.ingest import InstanceIndex, ReceivedInstance
 from node.receive.spool import Spool, SpoolError, valid_uid
+from node.tls import describe_tls_error, handshake
 from pipelines.pixeldata import pixel_data_problem
 
 log = logging.getLogger("ainode.scp")
@@ -181,19 +184,54 @@ class _ListeningServer(ThreadedAssociationServer):
     It also admits each connection under :class:`AssociationLimits` before a thread is made for it.
     """
 
-    def __init__(self, *args: Any, listener: socket.socket, limits: AssociationLimits, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        listener: socket.socket,
+        limits: AssociationLimits,
+        shared_with: _ListeningServer | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._listener = listener
         self.limits = limits
+        # The plain and the TLS listener count together (``shared_with``): the limits are the node's, so
+        # that a flood on one port cannot take the slots kept for known peers on the other.
         #: Connections admitted whose association thread has not started yet (by host): counted as open.
-        self._admitted: dict[str, int] = {}
-        self._admitted_lock = threading.Lock()
+        self._admitted: dict[str, int] = shared_with._admitted if shared_with is not None else {}
+        self._admitted_lock: threading.Lock = (
+            shared_with._admitted_lock if shared_with is not None else threading.Lock()
+        )
+        self._group: list[_ListeningServer] = shared_with._group if shared_with is not None else []
+        self._group.append(self)
         super().__init__(*args, **kwargs)
         self.contexts = _FastCopyContexts(self.contexts)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None  # bound in server_bind
+        client, address = self.socket.accept()
+        context = self.ssl_context  # read once: a SIGHUP may swap it for the connections after this one
+        if context is not None:
+            # pynetdicom shakes hands here, in the one thread that accepts: a client that stalls would hold
+            # every other connection. Only wrapped here; the handshake runs in the connection's own thread.
+            client = context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            # After verify_request: the admission limits held, and the handshake counts against ARTIM.
+            try:
+                handshake(request, self.limits.establish_timeout_s)
+            except OSError as exc:  # ssl.SSLError and TimeoutError among them
+                log.warning("TLS connection from %s refused: %s", _host_of(client_address), describe_tls_error(exc))
+                self.association_thread_starting(client_address)  # no association follows: its admission ends
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = _host_of(client_address)
         with self._admitted_lock:
-            open_now = [a.requestor.address for a in self.active_associations]
+            open_now = [a.requestor.address for server in self._group for a in server.active_associations]
             open_now += [h for h, n in self._admitted.items() for _ in range(n)]
             why = self.limits.refusal(host, len(open_now), open_now.count(host))
             if why is None:
@@ -307,11 +345,17 @@ class StorageSCP:
             assert context.abstract_syntax is not None  # pynetdicom's storage contexts each name their SOP class
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self.ae = ae
-        self._server: Any = None
+        #: The plain listener and/or the TLS listener (PS3.15 B.9), in the order started.
+        self._servers: list[_ListeningServer] = []
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self, host: str, port: int, listener: socket.socket | None = None) -> None:
+    def start(
+        self, host: str, port: int, listener: socket.socket | None = None, *, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         """Accept associations on ``listener`` (made by :func:`listen`), or on ``host:port`` bound now.
+
+        With ``ssl_context``, the listener speaks DICOM TLS; called once for each of the two, the
+        plain and the TLS listener share the association limits.
 
         Raises
         ------
@@ -329,22 +373,48 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_aborted),
         ]
         server = self.ae.make_server(
-            (host, port), evt_handlers=handlers, server_class=_ListeningServer, listener=listener, limits=self.limits
+            (host, port),
+            evt_handlers=handlers,
+            server_class=_ListeningServer,
+            ssl_context=ssl_context,
+            listener=listener,
+            limits=self.limits,
+            shared_with=self._servers[0] if self._servers else None,
         )
+        assert isinstance(server, _ListeningServer)
         # As AE.start_server(block=False) does: the AE knows its servers, and server.shutdown() expects that.
         self.ae._servers.append(server)
-        threading.Thread(target=server.serve_forever, name=f"dicom-acceptor:{port}", daemon=True).start()
-        self._server = server
-        log.info("listening as %s on %s:%d", self.ae.ae_title, host, self.port)
+        bound = int(server.server_address[1])
+        threading.Thread(target=server.serve_forever, name=f"dicom-acceptor:{bound}", daemon=True).start()
+        self._servers.append(server)
+        tls = " (DICOM TLS)" if ssl_context is not None else ""
+        log.info("listening as %s on %s:%d%s", self.ae.ae_title, host, bound, tls)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in self._servers:
+            server.shutdown()
+        self._servers = []
+
+    def use_ssl_context(self, ssl_context: ssl.SSLContext) -> None:
+        """Serve new TLS connections with ``ssl_context`` (new certificates); open ones keep theirs."""
+        for server in self._servers:
+            if server.ssl_context is not None:
+                server.ssl_context = ssl_context
+
+    def _port(self, tls: bool) -> int:
+        found = [s for s in self._servers if (s.ssl_context is not None) == tls]
+        if not found:
+            raise RuntimeError(f"no {'TLS' if tls else 'plain'} listener started")
+        return int(found[0].server_address[1])
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1])
+        """The plain listener's port."""
+        return self._port(tls=False)
+
+    @property
+    def tls_port(self) -> int:
+        return self._port(tls=True)
 
     # -- association bookkeeping -----------------------------------------------------------
     def _audit_start(
@@ -362,14 +432,20 @@ class StorageSCP:
         try:
             with self.sessions() as session, session.begin():
                 session.add(row)
+                if outcome == "rejected":  # the audit trail's (an accepted one is audited when it ends)
+                    session.flush()
+                    actor = trail.caller(row.calling_ae, row.peer_host)
+                    detail = trail.association_rejected(reason or "")
+                    session.add(AuditEvent(kind=trail.ASSOCIATION, actor=actor, subject=str(row.id), detail=detail))
             return row.id
         except SQLAlchemyError:
             log.exception("could not record association from %s", assoc.requestor.address)
             return None
 
     def _on_connection_open(self, event: evt.Event) -> None:
-        if self._server is not None:
-            self._server.association_thread_starting(event.address)  # type: ignore[attr-defined]
+        server = getattr(event.assoc, "_server", None)  # the listener that accepted it (pynetdicom sets it)
+        if isinstance(server, _ListeningServer):
+            server.association_thread_starting(event.address)  # type: ignore[attr-defined]
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -415,6 +491,11 @@ class StorageSCP:
             state = self._states.pop(id(event.assoc), None)
         if state is None:
             return
+        study_uids: list[str] = []
+        if state.study_ids:
+            with self.sessions() as session:
+                uids = session.query(Study.study_instance_uid).filter(Study.id.in_(state.study_ids)).all()
+            study_uids = [u for (u,) in uids]
         if state.row_id is not None:
             try:
                 with self.sessions() as session, session.begin():
@@ -422,13 +503,13 @@ class StorageSCP:
                     if row is not None:
                         row.outcome, row.ended_at = outcome, utcnow()
                         row.stored, row.failed = state.stored, state.failed
+                    # The audit trail: who sent what, one event per association (the instances it stored).
+                    detail = trail.association_ended(outcome, state.stored, state.failed, study_uids)
+                    session.add(AuditEvent(kind=trail.ASSOCIATION, actor=trail.caller(state.calling_ae, state.host),
+                                           subject=str(state.row_id), detail=detail))  # fmt: skip
             except SQLAlchemyError:
                 log.exception("could not close association record %s", state.row_id)
-        studies = ""
-        if state.study_ids:
-            with self.sessions() as session:
-                uids = session.query(Study.study_instance_uid).filter(Study.id.in_(state.study_ids)).all()
-            studies = " studies " + ",".join(u for (u,) in uids)
+        studies = " studies " + ",".join(study_uids) if study_uids else ""
         log.info(
             "association %s from %s@%s %s: %d stored, %d failed%s",
             state.row_id,

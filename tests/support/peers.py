@@ -122,6 +122,45 @@ class StoreSCP:
         self.log.close()
 
 
+class SiteCA:
+    """A throw-away certification authority made with the ``openssl`` command, as a site's PKI issues them.
+
+    Certificates name 127.0.0.1 and localhost, and serve as server and as client certificates
+    (DICOM TLS peers are both). Keys are unencrypted PEM (DCMTK reads them with ``-pw``).
+    """
+
+    def __init__(self, folder: Path, name: str = "site-ca") -> None:
+        self.folder, self.name = folder, name
+        folder.mkdir(parents=True, exist_ok=True)
+        self.key, self.cert = folder / f"{name}.key", folder / f"{name}.crt"
+        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", self.key, "-out", self.cert,
+                      "-days", "2", "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+                      "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+
+    @staticmethod
+    def _openssl(*args: str | Path) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+    def issue(self, name: str, folder: Path | None = None) -> tuple[Path, Path]:
+        """A new key and certificate for ``name`` (its CN), signed by this CA: ``(key_file, cert_file)``."""
+        folder = folder or self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        key, csr, cert, ext = (folder / f"{name}.{s}" for s in ("key", "csr", "crt", "ext"))
+        ext.write_text(
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"
+        )
+        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
+        self._openssl("x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey", self.key, "-CAcreateserial",
+                      "-out", cert, "-days", "2", "-extfile", ext)  # fmt: skip
+        return key, cert
+
+
+def dcmtk_tls(key: Path, cert: Path, ca: Path) -> list[str]:
+    """DCMTK options for authenticated DICOM TLS (BCP 195 profile, the peer verified against ``ca``)."""
+    return ["+tls", str(key), str(cert), "-pw", "+cf", str(ca)]
+
+
 def dciodvfy_errors(path: Path | str) -> list[str]:
     """Lines starting with "Error" that dicom3tools' dciodvfy prints for ``path``."""
     out = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=300)
