@@ -241,7 +241,9 @@ def _decode(ds: Dataset) -> np.ndarray:
         name = getattr(syntax, "name", syntax)
         raise NotAnalysable(
             NotAnalysedReason.UNDECODABLE,
-            f"pixel data of {ds.get('SOPInstanceUID')} ({name}) cannot be decoded: {type(exc).__name__}: {exc}",
+            # The decoder's first line only: a job reason is one line (some decoders' messages run to many).
+            f"pixel data of {ds.get('SOPInstanceUID')} ({name}) cannot be decoded: {type(exc).__name__}: "
+            f"{next((line for line in str(exc).splitlines() if line.strip()), '')}",
         ) from exc
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 #: Libraries whose INFO and WARNING records are chatter for a PACS administrator. pynetdicom logs
 #: every PDU, highdicom every module it copies, alembic every migration step; our own lines say what
@@ -29,11 +30,52 @@ class _LibraryChatterAsDebug(logging.Filter):
         return True
 
 
+class _LibraryErrorsOnOneLine(logging.Filter):
+    """A library's error with a traceback becomes one line: what failed, the exception's type and message.
+
+    pynetdicom logs a traceback for every malformed PDU or stalled connection a hostile or broken peer
+    sends; the node's own line (rejected, aborted, refused) already says what happened. The traceback
+    is kept for DEBUG.
+    """
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not self.debug and _is_library(record.name):
+            exc = record.exc_info[1]
+            message = record.getMessage()
+            if exc is not None:
+                said = f"{type(exc).__name__}: {_first_line(str(exc))}".rstrip(": ")
+                message = said if message in (str(exc), "") else f"{message}: {said}"
+            record.msg, record.args = message, ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _thread_died(args: threading.ExceptHookArgs) -> None:
+    """A thread that ends with an exception (a library's reactor on a message it cannot parse): one line."""
+    name = args.thread.name if args.thread is not None else "a thread"
+    exc = args.exc_value
+    logging.getLogger("ainode").error(
+        "thread %s stopped: %s: %s", name, args.exc_type.__name__, _first_line(str(exc)) if exc else ""
+    )
+    if exc is not None:
+        logging.getLogger("ainode").debug("thread %s", name, exc_info=(args.exc_type, exc, args.exc_traceback))
+
+
 def setup_logging(level: str = "INFO") -> None:
     debug = level.upper() == "DEBUG"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     handler.addFilter(_LibraryChatterAsDebug())
+    handler.addFilter(_LibraryErrorsOnOneLine(debug))
+    threading.excepthook = _thread_died
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -28,7 +28,9 @@ from typing import Literal
 
 from pydicom import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from node.receive.encoding import inflate
 
 DuplicatePolicy = Literal["keep-first", "replace"]
 
@@ -78,6 +80,8 @@ def _dataset_bytes_of(path: Path) -> bytes:
 
 def _read(data: bytes | memoryview, transfer_syntax_uid: str) -> Dataset:
     syntax = UID(transfer_syntax_uid)
+    if syntax == DeflatedExplicitVRLittleEndian:
+        data = inflate(data)
     fp = io.BytesIO(bytes(data))
     implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
     little = syntax.is_little_endian if syntax.is_transfer_syntax else True

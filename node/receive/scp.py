@@ -29,6 +29,7 @@ from db.models import Association as AssociationRow
 from db.models import AuditEvent, Study, utcnow
 from node.audit import trail
 from node.receive.duplicates import DuplicateDecision, DuplicatePolicy, Verdict, judge
+from node.receive.encoding import EncodingProblem, decode
 from node.receive.ingest import InstanceIndex, ReceivedInstance
 from node.receive.spool import Spool, SpoolError, valid_uid
 from node.tls import describe_tls_error, handshake
@@ -172,6 +173,18 @@ class _FastCopyContexts(list):  # type: ignore[type-arg]
                     setattr(clone, name, list(value))
             out.append(clone)
         return out
+
+
+#: PS3.7 C.4.1.1.3.2: Refused, SOP Class not supported.
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+
+def _not_supported(event: evt.Event) -> int:
+    return SOP_CLASS_NOT_SUPPORTED
+
+
+def _not_supported_with_dataset(event: evt.Event) -> tuple[int, None]:
+    return SOP_CLASS_NOT_SUPPORTED, None
 
 
 def _host_of(client_address: Any) -> str:
@@ -368,6 +381,13 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_c_echo),
+            # Normalized services sent on a storage context: "SOP class not supported", not a processing failure.
+            (evt.EVT_N_ACTION, _not_supported_with_dataset),
+            (evt.EVT_N_CREATE, _not_supported_with_dataset),
+            (evt.EVT_N_EVENT_REPORT, _not_supported_with_dataset),
+            (evt.EVT_N_GET, _not_supported_with_dataset),
+            (evt.EVT_N_SET, _not_supported_with_dataset),
+            (evt.EVT_N_DELETE, _not_supported),
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
@@ -547,14 +567,26 @@ class StorageSCP:
 
     def _store(self, event: evt.Event, state: _AssocState | None) -> int | Dataset:
         request = cast(C_STORE, event.request)  # bound to EVT_C_STORE only
+        # None only with pynetdicom's STORE_RECV_CHUNKED_DATASET, which the node does not enable.
+        assert request.DataSet is not None
+        encoded = request.DataSet.getbuffer()
+        try:
+            # Our own decoding, not pynetdicom's lenient event.dataset: encoded as negotiated, complete, bounded.
+            dataset = decode(encoded, str(event.context.transfer_syntax))
+        except EncodingProblem as exc:
+            log.warning("C-STORE %s refused: %s", request.AffectedSOPInstanceUID, exc)
+            return _failure(CANNOT_UNDERSTAND, str(exc))
+        except Exception as exc:  # pydicom raises many types for broken encodings
+            log.warning("C-STORE %s refused, dataset unreadable: %s", request.AffectedSOPInstanceUID, exc)
+            return _failure(CANNOT_UNDERSTAND, f"dataset unreadable: {type(exc).__name__}")
         try:
             inst = ReceivedInstance.from_header(
-                event.dataset,
+                dataset,
                 sop_class_uid=str(request.AffectedSOPClassUID),
                 transfer_syntax_uid=str(event.context.transfer_syntax),
             )
         except AttributeError as exc:
-            if not any(k in event.dataset for k in _IDENTIFYING):
+            if not any(k in dataset for k in _IDENTIFYING):
                 # Not a composite instance at all (bytes that happen to decode): "cannot understand", not "mismatch".
                 log.warning("C-STORE %s refused: not a DICOM instance", request.AffectedSOPInstanceUID)
                 return _failure(CANNOT_UNDERSTAND, "dataset unreadable: no SOP, study or series identification")
@@ -569,14 +601,14 @@ class StorageSCP:
         bad = [n for n, v in (("Study", study_uid), ("Series", series_uid), ("SOP", sop_uid)) if not valid_uid(v)]
         if bad:
             return _failure(DATASET_MISMATCH, f"invalid {'/'.join(bad)} Instance UID")
-        own_class = str(event.dataset.get("SOPClassUID", "") or "")
+        own_class = str(dataset.get("SOPClassUID", "") or "")
         if own_class and own_class != inst.sop_class_uid:
             # A CT sent on an MR context would be recorded (and routed) as MR.
             log.warning("C-STORE %s refused: SOP Class mismatch", sop_uid)
             return _failure(
                 DATASET_MISMATCH, f"SOP Class mismatch: the dataset is {own_class}, the request {inst.sop_class_uid}"
             )
-        damaged = pixel_data_problem(event.dataset, inst.transfer_syntax_uid)
+        damaged = pixel_data_problem(dataset, inst.transfer_syntax_uid)
         if damaged is not None:
             log.warning("C-STORE %s refused: %s", sop_uid, damaged)
             return _failure(DATASET_MISMATCH, damaged)
@@ -586,10 +618,6 @@ class StorageSCP:
             log.error("C-STORE %s refused: %s", sop_uid, full)
             return _failure(OUT_OF_RESOURCES, full)
         relpath = Spool.instance_relpath(study_uid, series_uid, sop_uid)
-        # event.dataset above was decoded from it: None only with pynetdicom's STORE_RECV_CHUNKED_DATASET,
-        # which the node does not enable.
-        assert request.DataSet is not None
-        encoded = request.DataSet.getbuffer()
         try:
             stored = self.index.find(sop_uid)
         except SQLAlchemyError as exc:
