@@ -195,6 +195,10 @@ class Job(Base):
     #: Seconds spent in the model and in the whole job, for operators and benchmarks.
     model_s: Mapped[float | None] = mapped_column(Float)
     total_s: Mapped[float | None] = mapped_column(Float)
+    #: A queued job is not claimed before this time (it waits out a transient failure: disk full, database).
+    retry_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    #: How many times a transient failure put this run off (the backoff grows with it).
+    postponed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job")

@@ -31,7 +31,12 @@ def claim_next_job(sessions: sessionmaker[Session], worker_id: str, now: datetim
     """Move the oldest queued job to running for ``worker_id``; None when the queue is empty."""
     now = now or utcnow()
     with sessions() as session, session.begin():
-        stmt = select(Job).where(Job.state == JobState.QUEUED).order_by(Job.id).limit(1)
+        stmt = (
+            select(Job)
+            .where(Job.state == JobState.QUEUED, or_(Job.retry_at.is_(None), Job.retry_at <= now))
+            .order_by(Job.id)
+            .limit(1)
+        )
         if is_postgres(session.get_bind()):
             stmt = stmt.with_for_update(skip_locked=True)
         job = session.scalars(stmt).first()

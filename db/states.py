@@ -177,6 +177,18 @@ def finish_job(session: Session, job: Job, new: JobState, reason: str | None, no
         set_study_state(study, _PROCESSED, None, now)
 
 
+def postpone_job(job: Job, reason: str, now: datetime, retry_at: datetime) -> None:
+    """A running job that met a transient failure (disk full, database away) waits, queued, until ``retry_at``.
+
+    The run did not crash its worker, so it does not count towards the crash limit; ``postponed`` counts
+    the waits (the backoff grows with it). Its study stays queued.
+    """
+    set_job_state(job, JobState.QUEUED, reason, now)
+    job.attempts = max(0, (job.attempts or 0) - 1)
+    job.postponed = (job.postponed or 0) + 1
+    job.retry_at = retry_at
+
+
 def requeue_job(session: Session, job: Job, reason: str, now: datetime) -> JobState:
     """Queue an ended job again (operator retry or reprocess); returns the state it had.
 
@@ -189,6 +201,7 @@ def requeue_job(session: Session, job: Job, reason: str, now: datetime) -> JobSt
         ended = ", ".join(s.value for s in ENDED_JOB_STATES)
         raise TransitionError("job", job.id, previous, JobState.QUEUED, f"a re-run queues an ended job: {ended}")
     set_job_state(job, JobState.QUEUED, reason, now)
+    job.retry_at, job.postponed = None, 0  # an operator's re-run runs now
     study = session.get(Study, job.study_id)
     if study is not None:
         queue_study_for(study, job, now)

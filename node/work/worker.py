@@ -9,12 +9,13 @@ one transaction, together with one delivery row per destination.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import time
 import traceback
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom import Dataset
@@ -34,7 +35,7 @@ from db.models import (
     utcnow,
 )
 from db.queue import claim_next_job, heartbeat
-from db.states import finish_job, make_delivery_due, set_delivery_state
+from db.states import finish_job, make_delivery_due, postpone_job, set_delivery_state
 from node.loops import Loop
 from node.phi import redact, study_identifying_values
 from node.reasons import one_line_reason
@@ -43,6 +44,21 @@ from node.work.destinations import Destination, DestinationError, PeerResolver
 from pipelines.study import ResultKind, RunOutcome, StudyRunner, result_kind
 
 log = logging.getLogger("ainode.worker")
+
+#: A job postponed by a transient failure waits this long first, twice as long each time after, at most the cap.
+FIRST_POSTPONE_S = 10.0
+MAX_POSTPONE_S = 600.0
+#: errno values of a full or failing disk: the spool will take the results again once space is freed.
+_TRANSIENT_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN}
+
+
+def transient(exc: BaseException) -> bool:
+    """A failure that passes by itself (disk full, database unreachable), as opposed to one in the job."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
+        return True
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
 class Worker:
@@ -128,12 +144,33 @@ class Worker:
             self._store_results(job, study_uid, outcome, destinations, unresolved, started)
         except Exception as exc:
             reason = f"could not store results: {redact(one_line_reason(exc), phi)}"
+            if transient(exc):
+                # Disk full or database away: the results are made again and stored when it has passed.
+                self._postpone(job, reason, study_uid)
+                return
             log.error("job %d study %s failed: %s", job.id, study_uid, reason)
             log.debug("job %d traceback:\n%s", job.id, redact(traceback.format_exc(), phi))
             self._finish(job.id, JobState.FAILED, reason, time.monotonic() - started, outcome.model_s)
             return
         if self.on_result is not None:
             self.on_result()
+
+    def _postpone(self, job: Job, reason: str, study_uid: str) -> None:
+        delay_s = min(MAX_POSTPONE_S, FIRST_POSTPONE_S * 2 ** (job.postponed or 0))
+        now = utcnow()
+        try:
+            with self.sessions() as session, session.begin():
+                row = session.get(Job, job.id, with_for_update=True)
+                if row is None or row.claimed_by != self.worker_id or row.state != JobState.RUNNING:
+                    return
+                why = f"{reason}; retry in {delay_s:.0f} s"
+                postpone_job(row, why, now, now + timedelta(seconds=delay_s))
+                detail = f"postponed: {why}"
+                session.add(AuditEvent(kind="job", actor=self.worker_id, subject=str(job.id), detail=detail))
+        except Exception as exc:  # the database itself away: the lease runs out and the reclaimer requeues it
+            log.error("job %d could not be postponed: %s", job.id, one_line_reason(exc))
+            return
+        log.warning("job %d study %s: %s; retry in %.0f s", job.id, study_uid, reason, delay_s)
 
     def _destinations(self, job: Job) -> tuple[list[Destination], list[tuple[str, str]]]:
         resolved: list[Destination] = []
