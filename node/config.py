@@ -191,6 +191,9 @@ class RuntimeSettings(_Strict):
     intra_op_threads: int | None = Field(None, ge=1)
     inter_op_threads: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)
+    #: Largest volume a job loads (its pixels as float32): a larger series is not analysed
+    #: ("volume-too-large") instead of exhausting the machine's memory.
+    max_volume_mb: int = Field(4096, ge=1)
 
 
 class ResultSettings(_Strict):

@@ -51,6 +51,16 @@ class Loop:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def died(self) -> bool:
+        """The loop's thread ended although no one asked it to stop (only a BaseException ends it)."""
+        return self._thread.ident is not None and not self._thread.is_alive() and not self._stop.is_set()
+
+    def restart(self) -> None:
+        """A new thread for a loop that died (see :attr:`died`)."""
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
     def wake(self) -> None:
         """Step now rather than at the end of the wait (new work arrived)."""
         self._wake.set()

@@ -57,6 +57,7 @@ def study_runner_from_config(config: Config) -> StudyRunner:
         equipment,
         omit_empty_frames=config.results.omit_empty_seg_frames,
         batch_size=config.runtime.batch_size,
+        max_volume_bytes=config.runtime.max_volume_mb * 2**20,
     )
 
 

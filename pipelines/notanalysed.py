@@ -29,6 +29,8 @@ class NotAnalysedReason(str, Enum):
     INVALID_PIXEL_VALUES = "invalid-pixel-values"
     #: The instances of one study name more than one patient: no result may carry a patient some sources lack.
     PATIENT_MISMATCH = "patient-mismatch"
+    #: The series' pixels would need more memory than a job may take (runtime.max_volume_mb).
+    VOLUME_TOO_LARGE = "volume-too-large"
     #: The input lies outside what the model's manifest says it was validated on (the measured value and bound).
     OUTSIDE_VALIDATED_DOMAIN = "outside-validated-domain"
 

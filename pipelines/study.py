@@ -185,11 +185,31 @@ class OnnxStudyRunner:
         *,
         omit_empty_frames: bool = False,
         batch_size: int | None = None,
+        max_volume_bytes: int | None = None,
     ) -> None:
+        self.max_volume_bytes = max_volume_bytes
         self.registry = registry
         self.equipment = equipment
         self.omit_empty_frames = omit_empty_frames
         self.batch_size = batch_size
+
+    def _check_volume_size(self, datasets: Sequence[Dataset]) -> None:
+        """Refuse, before anything is decoded, a series whose pixels would exceed the job's memory budget."""
+        if self.max_volume_bytes is None:
+            return
+        total = 0
+        for ds in datasets:
+            try:
+                frames = int(ds.get("NumberOfFrames", 1) or 1)
+                total += frames * int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * 4
+            except (TypeError, ValueError):
+                continue  # the loader refuses a header it cannot read, with its own reason
+        if total > self.max_volume_bytes:
+            raise NotAnalysable(
+                NotAnalysedReason.VOLUME_TOO_LARGE,
+                f"the series needs {total // 2**20} MB as a volume, more than runtime.max_volume_mb"
+                f" {self.max_volume_bytes // 2**20}",
+            )
 
     def preload(self, pipelines: Iterable[str]) -> dict[str, str]:
         """Load (verify checksum, create the session of) each routed model now; returns problems by name.
@@ -230,6 +250,7 @@ class OnnxStudyRunner:
                 candidates[0].series_instance_uid if candidates else select_series(headers, manifest.task, modalities)
             )
             datasets = [headers[chosen][i] for i in usable_instances(headers[chosen], manifest.task, modalities)]
+            self._check_volume_size(datasets)
             volume = load_volume(datasets)
         except NotAnalysable as exc:
             return RunOutcome(not_analysed=str(exc.outcome), selection=selection)

@@ -119,3 +119,17 @@ def test_a_legacy_multi_frame_ct_with_an_orientation_but_no_positions_is_refused
 
     with pytest.raises(NotAnalysable, match="2 of 2 without Image Position"):
         load_volume([ds])
+
+
+def test_a_series_larger_than_the_jobs_memory_budget_is_not_analysed_before_anything_is_decoded(
+    tmp_path: Path,
+) -> None:
+    slices = ct_series(20)
+    files = [save(ds, tmp_path / f"{k}.dcm") for k, ds in enumerate(slices)]
+    # 20 slices of 32 x 32 as float32 are 80 KiB; a budget of 1 KiB stands for a series too large for the machine.
+    runner = onnx_study_runner(domain=False, max_volume_bytes=1024)
+
+    outcome = runner.run("lung-seg", {str(slices[0].SeriesInstanceUID): files}, {"seg"})
+
+    assert outcome.not_analysed is not None and outcome.not_analysed.startswith("volume-too-large: ")
+    assert outcome.model_s is None, "nothing was loaded or run"

@@ -334,3 +334,18 @@ class WorkerPool:
 
     def _heartbeat(self) -> None:
         heartbeat(self.sessions, [w.current_job for w in self.workers if w.current_job is not None])
+        self.restart_dead_workers()
+
+    def restart_dead_workers(self) -> int:
+        """A node is never left without workers: a worker thread that died is started again.
+
+        Its job, no longer heartbeated, is requeued by the reclaimer when its lease runs out, and fails
+        after a bounded number of such deaths ("worker died N times").
+        """
+        restarted = 0
+        for loop in self._worker_loops:
+            if loop.died:
+                log.error("%s stopped unexpectedly; started again", loop.name)
+                loop.restart()
+                restarted += 1
+        return restarted
