@@ -417,19 +417,11 @@ DIMSE_CASES = [
         dimse(c_store_rq(None, _CT.SOPInstanceUID), explicit(_CT)),
         [MISMATCH],
         id="c-store-without-affected-sop-class-uid",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="pynetdicom 3.0's storage service raises before the node's handler: no status until timeout",
-        ),
     ),
     pytest.param(
         dimse(c_store_rq(CT_IMAGE, None), explicit(ct())),
         [MISMATCH],
         id="c-store-without-affected-sop-instance-uid",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="pynetdicom 3.0's storage service raises before the node's handler: no status until timeout",
-        ),
     ),
     pytest.param(store_with_request_uid("abc.def.ghi"), [MISMATCH], id="c-store-non-numeric-sop-instance-uid"),
     pytest.param(store_with_request_uid("1.2." + "3" * 70), [MISMATCH], id="c-store-over-long-sop-instance-uid"),

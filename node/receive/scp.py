@@ -187,6 +187,32 @@ def _not_supported_with_dataset(event: evt.Event) -> tuple[int, None]:
     return SOP_CLASS_NOT_SUPPORTED, None
 
 
+def _answer_incomplete_c_stores(assoc: Association) -> None:
+    """A C-STORE request without its Affected SOP Class or Instance UID gets 0xA900, as the README promises.
+
+    pynetdicom drops such a request with a warning and sends nothing: the sender waits until its timeout.
+    Its association reactor calls ``_serve_request`` for every request; this association's own answers
+    those first and hands every other one on.
+    """
+    serve = assoc._serve_request
+
+    def serve_or_refuse(msg: Any, context_id: int) -> None:
+        if not isinstance(msg, C_STORE) or msg.is_valid_request or msg.MessageID is None:
+            serve(msg, context_id)
+            return
+        missing = [k for k in ("AffectedSOPClassUID", "AffectedSOPInstanceUID") if getattr(msg, k, None) is None]
+        log.warning("C-STORE refused: the request has no %s", " or ".join(missing) or "priority")
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = msg.MessageID
+        response.AffectedSOPClassUID = msg.AffectedSOPClassUID
+        response.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+        response.Status = DATASET_MISMATCH
+        response.ErrorComment = f"request without {', '.join(missing) or 'Priority'}"[:64]  # type: ignore[assignment]
+        assoc.dimse.send_msg(response, context_id)
+
+    assoc._serve_request = serve_or_refuse  # type: ignore[method-assign]
+
+
 def _host_of(client_address: Any) -> str:
     return str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
 
@@ -391,6 +417,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
         ]
         server = self.ae.make_server(
             (host, port),
@@ -466,6 +493,12 @@ class StorageSCP:
         server = getattr(event.assoc, "_server", None)  # the listener that accepted it (pynetdicom sets it)
         if isinstance(server, _ListeningServer):
             server.association_thread_starting(event.address)  # type: ignore[attr-defined]
+        _answer_incomplete_c_stores(event.assoc)
+
+    def _on_connection_closed(self, event: evt.Event) -> None:
+        # Released and aborted associations were closed in the books already; this is one whose connection
+        # ended otherwise (pynetdicom's reactor stopped on a message it could not decode).
+        self._finish(event, "aborted")
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
