@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import threading
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
+from db.models import AuditEvent
 from db.queue import process_identity, reclaim_dead_deliveries, reclaim_stale_jobs
 from node import __version__
 from node.assemble.assembler import StudyAssembler
@@ -226,6 +228,7 @@ class NodeApp:
             # Signal handlers can only be set from the main thread (a node started in a test's thread has none).
             self._previous_sighup = signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload_tls())
         self._log_started(models)
+        self._audit_application("start")
 
     def reload_tls(self) -> bool:
         """SIGHUP: read the certificates again; new connections use them, associations in flight keep theirs.
@@ -273,6 +276,21 @@ class NodeApp:
         for warning in delivery_warnings(config):
             log.warning("%s", warning)
 
+    def _audit_application(self, what: str) -> None:
+        """Application Activity in the audit trail (and as a DICOM audit message when forwarding is on)."""
+        import getpass
+
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # no passwd entry for this uid (containers)
+            user = str(os.getuid())
+        try:
+            with self.sessions() as session, session.begin():
+                session.add(AuditEvent(kind="application", actor=user[:128], subject=self.config.node.ae_title,
+                                       detail=what))  # fmt: skip
+        except Exception as exc:  # the database away at stop: the log still says it
+            log.warning("node %s not recorded in the audit trail: %s", what, type(exc).__name__)
+
     def stop(self) -> None:
         if self._previous_sighup is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, self._previous_sighup)
@@ -285,6 +303,7 @@ class NodeApp:
             self.pool.stop()
         if self.outbox_thread is not None:
             self.outbox_thread.stop(30)
+        self._audit_application("stop")  # forwarded by the next start if the forwarder has stopped already
         self.engine.dispose()
 
     # -- housekeeping ----------------------------------------------------------------------

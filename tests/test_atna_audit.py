@@ -654,6 +654,12 @@ def test_a_node_reports_what_it_received_refused_sent_and_was_told_to_redo(tmp_p
     assert (us["UserID"], destination["UserID"], destination["roles"]) == ("AINODE", pacs.aet, ["110152"])
     assert objects(first_sent.root)[0] == (study_uid, "110180", "3")
 
+    (started,) = arrived("110100", "E")  # Application Activity: the node started (A.5.3.1)
+    assert started.root.find("EventIdentification/EventTypeCode").get("csd-code") == "110120"  # type: ignore[union-attr]
+    application, launcher = participants(started.root)
+    assert (application["UserID"], application["roles"]) == ("AINODE", ["110150"])
+    assert launcher["roles"] == ["110151"] and launcher["UserIsRequestor"] == "true"
+
     user = os.environ.get("SUDO_USER") or getpass.getuser()
     operator = participants(redo.root)[0]
     assert (operator["UserID"], operator["UserIsRequestor"]) == (user, "true")

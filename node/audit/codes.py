@@ -30,6 +30,7 @@ class Code:
 class EventID:
     """EventID (CID 400 Audit Event ID): what kind of event a message records."""
 
+    APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
     INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
     INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
     SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
@@ -39,6 +40,8 @@ class EventType:
     """EventTypeCode: DCM codes (CID 401-404), and this node's own ones (coding scheme "99AINODE")."""
 
     NODE_AUTHENTICATION = Code("110126", "DCM", "Node Authentication")
+    APPLICATION_START = Code("110120", "DCM", "Application Start")
+    APPLICATION_STOP = Code("110121", "DCM", "Application Stop")
     #: Operator actions that make the node read a study again or send its results again.
     JOB_RETRY = Code("JOB-RETRY", "99AINODE", "Analysis run again by an operator")
     STUDY_REPROCESS = Code("STUDY-REPROCESS", "99AINODE", "Study analysed again by an operator")
@@ -49,6 +52,7 @@ class RoleID:
     """RoleIDCode of an active participant (CID 402)."""
 
     APPLICATION = Code("110150", "DCM", "Application")
+    APPLICATION_LAUNCHER = Code("110151", "DCM", "Application Launcher")
     DESTINATION = Code("110152", "DCM", "Destination Role ID")
     SOURCE = Code("110153", "DCM", "Source Role ID")
 

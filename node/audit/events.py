@@ -7,7 +7,9 @@
 - result delivered, or given up: DICOM Instances Transferred (110104), Read, the node as source and
   the peer as destination (given up: serious failure);
 - ``ainode jobs retry``, ``ainode studies reprocess``, ``ainode outbox retry``: DICOM Instances
-  Accessed (110103), Read, one per study, the operator (the OS user) as the requestor.
+  Accessed (110103), Read, one per study, the operator (the OS user) as the requestor;
+- the node started or stopped: Application Activity (110100), Application Start / Stop (110120 / 110121),
+  the node as the application and the OS user as its launcher.
 
 Other events (job transitions, series selection, duplicates, redeliveries) are the node's own
 bookkeeping and make no message. A.5.3.7 allows one patient per message, so an event about several
@@ -38,6 +40,7 @@ from node.audit.codes import (
 )
 from node.audit.message import ActiveParticipant, AuditMessage, AuditSource, ParticipantObject, SOPClassCount
 from node.audit.trail import (
+    APPLICATION,
     ASSOCIATION,
     DELIVERY,
     OPERATOR,
@@ -72,7 +75,30 @@ def messages_for(session: Session, event: AuditEvent, node: NodeIdentity) -> lis
         return _delivery(session, event, node)
     if event.kind == OPERATOR:
         return _operator(session, event, node)
+    if event.kind == APPLICATION:
+        return _application(event, node)
     return []
+
+
+def _application(event: AuditEvent, node: NodeIdentity) -> list[AuditMessage]:
+    """Application Activity (A.5.3.1): the node started or stopped, launched by an OS user."""
+    kind = {"start": EventType.APPLICATION_START, "stop": EventType.APPLICATION_STOP}.get(event.detail or "")
+    if kind is None:
+        return []
+    participants = [ActiveParticipant(node.ae_title, False, (RoleID.APPLICATION,))]
+    if event.actor:
+        participants.append(ActiveParticipant(event.actor, True, (RoleID.APPLICATION_LAUNCHER,)))
+    return [
+        AuditMessage(
+            EventID.APPLICATION_ACTIVITY,
+            EventAction.EXECUTE,
+            event.at,
+            EventOutcome.SUCCESS,
+            tuple(participants),
+            node.source,
+            event_types=(kind,),
+        )
+    ]
 
 
 def _studies(session: Session, study_uids: Iterable[str]) -> list[tuple[str, str | None]]:

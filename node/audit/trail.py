@@ -16,6 +16,8 @@ ASSOCIATION = "association"
 #: ``kind`` of the outbox's events (results sent, or given up) and of an operator's commands.
 DELIVERY = "delivery"
 OPERATOR = "operator"
+#: ``kind`` of the node's own start and stop (``detail`` "start" or "stop", ``actor`` the OS user).
+APPLICATION = "application"
 
 _ENDED = re.compile(
     r"^(?P<outcome>released|aborted): (?P<stored>\d+) stored, (?P<failed>\d+) failed(?:; studies (?P<uids>.*))?$"
