@@ -312,15 +312,11 @@ PDU_CASES = [
         reply_to(associate_rq([])),
         [REJECT, ABORT],
         id="associate-rq-zero-presentation-contexts",
-        marks=pytest.mark.xfail(
-            strict=True, reason="pynetdicom 3.0 accepts an A-ASSOCIATE-RQ without presentation contexts"
-        ),
     ),
     pytest.param(
         reply_to(associate_rq([((2 * k + 1) & 0xFF, VERIFICATION, [ImplicitVRLittleEndian]) for k in range(300)])),
         [REJECT, ABORT],
         id="associate-rq-300-presentation-contexts",
-        marks=pytest.mark.xfail(strict=True, reason="pynetdicom 3.0 accepts duplicate presentation context IDs"),
     ),
     pytest.param(
         reply_to(associate_rq(_VERIFY, called="AINODE_TITLE_FAR_TOO_LONG_FOR_16", called_width=33)),

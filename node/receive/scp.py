@@ -404,6 +404,7 @@ class StorageSCP:
         listener = listener if listener is not None else listen(host, port)
         handlers: list[evt.EventHandlerType] = [
             (evt.EVT_CONN_OPEN, self._on_connection_open),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_c_echo),
@@ -499,6 +500,28 @@ class StorageSCP:
         # Released and aborted associations were closed in the books already; this is one whose connection
         # ended otherwise (pynetdicom's reactor stopped on a message it could not decode).
         self._finish(event, "aborted")
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Reject an A-ASSOCIATE-RQ that PS3.8 9.3.2 does not allow; pynetdicom would accept it.
+
+        An association needs at least one presentation context, and their IDs are unique odd numbers.
+        """
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        ids = [cx.context_id for cx in (getattr(request, "presentation_context_definition_list", None) or [])]
+        why = None
+        if not ids:
+            why = "no presentation context"
+        elif len(set(ids)) != len(ids) or any(i is None or i % 2 == 0 for i in ids):
+            why = "presentation context IDs not unique odd numbers"
+        if why is None:
+            return
+        calling = (assoc.requestor.ae_title or "").strip()
+        log.warning("association from %r at %s rejected: A-ASSOCIATE-RQ with %s", calling, assoc.requestor.address, why)
+        # As pynetdicom's own rejections: rejected permanent, by the service user, no reason given (PS3.8 7.1.1.9).
+        assoc.acse.send_reject(0x01, 0x01, 0x01)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
