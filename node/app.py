@@ -13,10 +13,11 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_session_factory
@@ -24,6 +25,7 @@ from db.migrate import upgrade
 from db.models import AuditEvent
 from db.queue import process_identity, reclaim_dead_deliveries, reclaim_stale_jobs
 from node import __version__
+from node.api.server import ApiServer, make_api
 from node.assemble.assembler import StudyAssembler
 from node.assemble.router import Router
 from node.audit.forwarder import AuditForwarder, audit_loop
@@ -86,6 +88,10 @@ class NodeApp:
         self.pool: WorkerPool | None = None
         self.outbox_thread: Loop | None = None
         self.loops: list[Loop] = []
+        #: The HTTP API (``api`` section), bound in start() right after the DICOM ports.
+        self.api_server: ApiServer | None = None
+        #: Routed pipelines whose model could not be loaded, and why; None until start() preloaded them.
+        self.model_problems: dict[str, str] | None = None
         self._previous_sighup: Any = None
 
     # -- parts -----------------------------------------------------------------------------
@@ -132,6 +138,12 @@ class NodeApp:
         receives = node.role in ("all", "receiver")
         if receives and listener is None and node.port is not None:
             listener = listen(node.host, node.port)
+        if self.config.api is not None:
+            self.api_server = ApiServer(
+                self.config.api,
+                make_api(self.config.api, self.sessions, self.spool, self.readiness_checks(), self._wake_workers),
+            )
+            self.api_server.bind()
         tls_port = node.tls.port if node.tls is not None else None
         if receives and tls_listener is None and tls_port is not None:
             tls_listener = listen(node.host, tls_port)
@@ -155,6 +167,7 @@ class NodeApp:
             preload = getattr(runner, "preload", None)
             routed = list(dict.fromkeys(r.pipeline for r in self.config.routes))
             problems = preload(routed) if preload is not None else {}
+            self.model_problems = dict(problems)
             for name, problem in problems.items():
                 log.error("model %s cannot be used; studies routed to it will fail: %s", name, problem)
             models = ", ".join(_model_label(runner, name) for name in routed if name not in problems) or "none"
@@ -224,6 +237,8 @@ class NodeApp:
                 self.scp.start(node.host, node.port or 0, listener)
             if tls_listener is not None and self.tls is not None:
                 self.scp.start(node.host, tls_port or 0, tls_listener, ssl_context=self.tls.contexts.server)
+        if self.api_server is not None:
+            self.api_server.start()
         if self.tls is not None and threading.current_thread() is threading.main_thread():
             # Signal handlers can only be set from the main thread (a node started in a test's thread has none).
             self._previous_sighup = signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload_tls())
@@ -292,6 +307,8 @@ class NodeApp:
             log.warning("node %s not recorded in the audit trail: %s", what, type(exc).__name__)
 
     def stop(self) -> None:
+        if self.api_server is not None:
+            self.api_server.stop()
         if self._previous_sighup is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
@@ -305,6 +322,51 @@ class NodeApp:
             self.outbox_thread.stop(30)
         self._audit_application("stop")  # forwarded by the next start if the forwarder has stopped already
         self.engine.dispose()
+
+    # -- readiness (GET /readyz) ---------------------------------------------------------------
+    def readiness_checks(self) -> dict[str, Callable[[], str | None]]:
+        """What /readyz checks, by name: each returns None when ready, else why not."""
+        checks: dict[str, Callable[[], str | None]] = {
+            "database": self._database_problem,
+            "spool": self._spool_problem,
+        }
+        if self.config.node.role in ("all", "worker"):
+            checks["models"] = self._models_problem
+        if self.config.node.role in ("all", "receiver"):
+            checks["dicom"] = self._dicom_problem
+        return checks
+
+    def _database_problem(self) -> str | None:
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return None
+
+    def _spool_problem(self) -> str | None:
+        if not os.access(self.spool.root, os.W_OK):
+            return f"spool {self.spool.root.absolute()} is not writable"
+        return self.spool.below_watermark()
+
+    def _models_problem(self) -> str | None:
+        if self.model_problems is None:
+            return "models not loaded yet"
+        return "; ".join(f"{name}: {why}" for name, why in self.model_problems.items()) or None
+
+    def _dicom_problem(self) -> str | None:
+        node = self.config.node
+        if self.scp is None:
+            return "DICOM port not listening yet"
+        try:
+            if node.port is not None:
+                _ = self.scp.port
+            if node.tls is not None and node.tls.port is not None:
+                _ = self.scp.tls_port
+        except RuntimeError as exc:
+            return str(exc)
+        return None
+
+    def _wake_workers(self) -> None:
+        if self.pool is not None:
+            self.pool.wake()
 
     # -- housekeeping ----------------------------------------------------------------------
     def _reclaim(self) -> None:

@@ -278,6 +278,42 @@ class AuditSettings(_Strict):
     batch_size: int = Field(200, ge=1, le=10000)
 
 
+class ApiToken(_Strict):
+    """One client of the HTTP API: it sends ``Authorization: Bearer <token>``; only the token's hash is kept."""
+
+    #: Who the client is, in the audit trail (e.g. "pacs-admin").
+    name: str = Field(min_length=1, max_length=64)
+    #: viewer: read endpoints; admin: also actions (retry a job).
+    role: Literal["admin", "viewer"]
+    #: SHA-256 of the token, 64 hex digits (``printf %s TOKEN | sha256sum``).
+    sha256: str
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            raise ValueError("a SHA-256 is 64 hex digits (printf %s TOKEN | sha256sum)")
+        return v.lower()
+
+
+class ApiSettings(_Strict):
+    """The HTTP API: /healthz, /readyz and /metrics for anyone who reaches it, /api/v1 with a token."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8081
+    tokens: list[ApiToken] = []
+
+    @field_validator("tokens")
+    @classmethod
+    def _unique(cls, v: list[ApiToken]) -> list[ApiToken]:
+        for key in ("name", "sha256"):
+            seen = [getattr(t, key) for t in v]
+            doubled = sorted({value for value in seen if seen.count(value) > 1})
+            if doubled:
+                raise ValueError(f"{key} must be unique ({', '.join(doubled)} given twice)")
+        return v
+
+
 class Condition(_Strict):
     """One condition on a tag: exactly one of equals, one_of, regex, range."""
 
@@ -346,6 +382,8 @@ class Config(_Strict):
     routes: list[Route] = []
     delivery: RetryPolicy = RetryPolicy()
     audit: AuditSettings = AuditSettings()
+    #: None: no HTTP server.
+    api: ApiSettings | None = None
     _source: ConfigSource = PrivateAttr(default=ConfigSource(DEFAULT_CONFIG, "embedded defaults"))
 
     @property
@@ -367,6 +405,10 @@ class Config(_Strict):
                         f"routes.{i} ({route.name}): destination {dest!r} is neither 'sender' nor a peer "
                         f"(peers: {known})"
                     )
+        if self.api is not None:
+            dicom_ports = {self.node.port, self.node.tls.port if self.node.tls is not None else None}
+            if self.api.port in dicom_ports:
+                raise ValueError(f"api.port ({self.api.port}) is a DICOM port of this node; choose another")
         if "sender" in self.peers:
             raise ValueError("peers: 'sender' is reserved for the calling peer; choose another name")
         tls = self.node.tls

@@ -155,8 +155,9 @@ def cmd_route_test(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from node.operate.status import collect_status, format_status
+    from node.operate.status import format_status
     from node.receive.spool import Spool
+    from node.status import collect_status
 
     config = _load(args)
     root = Path(config.node.spool_dir)  # status only reads: a spool not made yet is not made here
