@@ -17,13 +17,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from pipelines.dicom import Equipment, write_results
+from pipelines.dicom import write_results
 from pipelines.dicom.air import PROCESSING_ALGORITHM
 from pipelines.dicom.colours import segment_colour
 from pipelines.enums import ResultKind as OutputKind  # seg/sr/sc: one enum since issue 14
 from pipelines.provenance import produced_by as is_own_result  # loop prevention: why, or None
 from pipelines.volume import InPlaneSpacing
 from tests.support.dicom import (
+    EQUIPMENT,
     chest_xray_source,
     classification_result,
     density_result,
@@ -36,14 +37,6 @@ from tests.support.peers import dciodvfy_errors
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-EQUIPMENT = Equipment(
-    manufacturer="dicom-ai-node",
-    model_name="dicom-ai-node",
-    software_versions="0.1.0",
-    device_uid="1.2.826.0.1.3680043.8.498.424242",
-    station_name="AINODE",
-    institution_name="Test Hospital",
-)
 ALL = [OutputKind.SEG, OutputKind.SR, OutputKind.SC]
 
 

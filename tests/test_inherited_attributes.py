@@ -26,9 +26,10 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from pipelines.dicom import Equipment, write_results
+from pipelines.dicom import write_results
 from pipelines.enums import ResultKind
 from tests.support.dicom import (
+    EQUIPMENT,
     chest_xray_source,
     classification_result,
     load_ct_series,
@@ -40,14 +41,6 @@ from tests.support.series import SIZE, ct_series
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-EQUIPMENT = Equipment(
-    manufacturer="dicom-ai-node",
-    model_name="dicom-ai-node",
-    software_versions="0.1.0",
-    device_uid="1.2.826.0.1.3680043.8.498.424242",
-    station_name="AINODE",
-    institution_name="Test Hospital",
-)
 SEGMENTATION_OUTPUTS = [ResultKind.SEG, ResultKind.SR, ResultKind.SC]
 CLASSIFICATION_OUTPUTS = [ResultKind.SR, ResultKind.SC]
 DSRDUMP = Path("/usr/bin/dsrdump")

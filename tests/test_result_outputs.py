@@ -15,15 +15,13 @@ import pytest
 from pydicom import Dataset
 
 import pipelines.dicom as writers
-from pipelines.dicom import Equipment, write_each, write_results
+from pipelines.dicom import write_each, write_results
 from pipelines.enums import ResultKind
 from pipelines.volume import InPlaneSpacing, load_volume
-from tests.support.dicom import CR_IMAGE_STORAGE, classification_result, synthetic_image
+from tests.support.dicom import CR_IMAGE_STORAGE, EQUIPMENT, classification_result, synthetic_image
 from tests.support.peers import dciodvfy_errors
 from tests.support.runners import onnx_study_runner
 from tests.support.series import ct_series, save
-
-EQUIPMENT = Equipment(manufacturer="dicom-ai-node", model_name="test", software_versions="0", device_uid="1.2.3.4")
 
 
 def radiograph(**changes: object) -> Dataset:

@@ -17,6 +17,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage as ndi
 
+from pipelines.dicom import Equipment
 from pipelines.results import (
     ClassificationResult,
     DensityResult,
@@ -27,6 +28,16 @@ from pipelines.results import (
 )
 from pipelines.segmentation import segment_statistics
 from pipelines.volume import SourceFrame, Volume
+
+#: The node as the result writers' equipment, in tests that call the writers directly.
+EQUIPMENT = Equipment(
+    manufacturer="dicom-ai-node",
+    model_name="dicom-ai-node",
+    software_versions="0.1.0",
+    device_uid="1.2.826.0.1.3680043.8.498.424242",
+    station_name="AINODE",
+    institution_name="Test Hospital",
+)
 
 
 def load_ct_series(series_dir: Path) -> list[Dataset]:
