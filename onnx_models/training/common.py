@@ -66,3 +66,17 @@ def export_torch(model: Any, example: Any, path: Path, input_name: str, output_n
         opset_version=17,
         dynamo=False,
     )
+
+
+#: The breast-density SVM's input: these features of pipelines.svm, in this order (its training and the
+#: profile of its validated domain both read them).
+BREAST_DENSITY_FEATURES = [
+    "dense_fraction",
+    "intensity_mean",
+    "intensity_std",
+    "intensity_p50",
+    "intensity_p90",
+    "glcm_contrast",
+    "glcm_entropy",
+    "glcm_homogeneity",
+]

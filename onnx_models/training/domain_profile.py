@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from onnx_models.training.common import MODELS_DIR
+from onnx_models.training.common import BREAST_DENSITY_FEATURES, MODELS_DIR
 from onnx_models.training.ct_phantom import make_ct_phantom
 from onnx_models.training.mammo_phantom import make_mammo_phantom
 from onnx_models.training.xray_phantom import make_xray_phantom
@@ -174,16 +174,7 @@ DOMAINS: dict[str, ReferenceDomain] = {
             "matrix": {"min": 256, "max": 512},
         },
         # The SVM's own input: its eight features (pipelines.svm).
-        features=[
-            "dense_fraction",
-            "intensity_mean",
-            "intensity_std",
-            "intensity_p50",
-            "intensity_p90",
-            "glcm_contrast",
-            "glcm_entropy",
-            "glcm_homogeneity",
-        ],
+        features=list(BREAST_DENSITY_FEATURES),
         volumes=breast_density_volumes,
         phantoms="mammo_phantom.py mammogram phantoms, matrix 256-512",
         n_reference=600,

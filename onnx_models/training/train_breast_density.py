@@ -22,21 +22,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from onnx_models.training.common import MODELS_DIR, seed_everything, write_model_folder
+from onnx_models.training.common import BREAST_DENSITY_FEATURES, MODELS_DIR, seed_everything, write_model_folder
 from onnx_models.training.domain_profile import domain_section
 from onnx_models.training.mammo_phantom import CATEGORIES, make_mammo_phantom
 from pipelines.svm import compute_features
 
-FEATURE_NAMES = [
-    "dense_fraction",
-    "intensity_mean",
-    "intensity_std",
-    "intensity_p50",
-    "intensity_p90",
-    "glcm_contrast",
-    "glcm_entropy",
-    "glcm_homogeneity",
-]
+FEATURE_NAMES = BREAST_DENSITY_FEATURES
 #: SNOMED CT breast composition findings (DICOM CID 6001, BI-RADS 5th edition).
 CATEGORY_CODES = {
     "A": ("129716005", "Almost entirely fat"),
