@@ -199,6 +199,8 @@ class Job(Base):
     retry_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     #: How many times a transient failure put this run off (the backoff grows with it).
     postponed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: The route's priority when the job was made: workers claim the highest first (STAT before routine).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job")
@@ -206,6 +208,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("study_id", "route", "study_version", name="uq_job_study_route_version"),
         Index("ix_jobs_state_id", "state", "id"),
+        Index("ix_jobs_state_priority_id", "state", "priority", "id"),
     )
 
 

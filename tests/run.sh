@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-DEBIAN_PACKAGES=(dcmtk dicom3tools orthanc orthanc-dicomweb postgresql chromium openjph-tools)
+DEBIAN_PACKAGES=(dcmtk dicom3tools orthanc orthanc-dicomweb postgresql chromium openjph-tools haproxy)
 echo "== Debian packages: ${DEBIAN_PACKAGES[*]}"
 need=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
