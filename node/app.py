@@ -37,7 +37,7 @@ from node.loops import Loop
 from node.models import study_runner_from_config
 from node.receive.ingest import InstanceIndex, reconcile_spool
 from node.receive.retention import Retention
-from node.receive.scp import AssociationLimits, StorageSCP, known_hosts, listen
+from node.receive.scp import AssociationLimits, ListenError, StorageSCP, known_hosts, listen
 from node.receive.spool import Spool
 from node.tls import NodeTLS
 from node.work.destinations import make_resolver
@@ -125,7 +125,12 @@ class NodeApp:
         return store(calling_ae, peer, items)
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self, listener: socket.socket | None = None, tls_listener: socket.socket | None = None) -> None:
+    def start(
+        self,
+        listener: socket.socket | None = None,
+        tls_listener: socket.socket | None = None,
+        api_listener: socket.socket | None = None,
+    ) -> None:
         """Bind the DICOM port, check the spool, start workers, outbox and loops, then accept associations.
 
         The port is bound first (or ``listener`` is used, bound by the caller before anything else):
@@ -142,8 +147,13 @@ class NodeApp:
             self.api_server = ApiServer(
                 self.config.api,
                 make_api(self.config.api, self.sessions, self.spool, self.readiness_checks(), self._wake_workers),
+                sock=api_listener,
             )
-            self.api_server.bind()
+            if api_listener is None:
+                try:
+                    self.api_server.bind()
+                except OSError as exc:  # the port in use: one line for the administrator, before the spool is touched
+                    raise ListenError(exc.strerror or str(exc)) from None
         tls_port = node.tls.port if node.tls is not None else None
         if receives and tls_listener is None and tls_port is not None:
             tls_listener = listen(node.host, tls_port)

@@ -134,6 +134,21 @@ def test_serve_on_a_port_in_use_says_so_in_one_line_and_starts_nothing(tmp_path)
     assert not (tmp_path / "node.db").exists()
 
 
+def test_serve_with_its_http_api_port_in_use_says_so_in_one_line_and_starts_nothing(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        api = {"host": "127.0.0.1", "port": port}
+        for role in ("all", "worker"):  # a worker serves health and metrics too
+            config = write(tmp_path, {"node": node_section(tmp_path, role=role), "api": api})
+            result = run_cli("serve", "--config", str(config), timeout_s=60)
+            assert result.returncode == 2, result.stderr
+            assert one_line(result) == f"HTTP API: cannot listen on 127.0.0.1:{port}: address already in use"
+            assert not (tmp_path / "spool").exists()
+            assert not (tmp_path / "node.db").exists()
+
+
 # -- item 8: read-only commands find the node's config and never create a database ------------------
 @pytest.mark.skipif(Path("/etc/ainode/ainode.yaml").exists(), reason="this machine has a system-wide config")
 def test_status_in_an_empty_folder_creates_nothing_and_says_where_it_looked(tmp_path):

@@ -127,10 +127,11 @@ def make_api(
 class ApiServer:
     """uvicorn in a daemon thread, on a socket bound by :meth:`bind` (a port in use fails there, early)."""
 
-    def __init__(self, settings: ApiSettings, app: FastAPI) -> None:
+    def __init__(self, settings: ApiSettings, app: FastAPI, sock: socket.socket | None = None) -> None:
+        """``sock``: the HTTP port, already bound and listening (``ainode serve`` binds every port first)."""
         self.settings = settings
         self.app = app
-        self._socket: socket.socket | None = None
+        self._socket: socket.socket | None = sock
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 

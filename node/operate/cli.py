@@ -82,16 +82,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         problems = unknown_pipelines(config, model_names(config))
         if problems:
             raise ConfigError("\n".join(problems))
-    listener = tls_listener = None
-    if node.role in ("all", "receiver"):
-        # Bound before the database, the spool or a worker is touched: a second node on this port stops here.
-        try:
+    listener = tls_listener = api_listener = None
+    # Every port is bound before the database, the spool or a worker is touched: a second node on a port
+    # in use stops here, in one line.
+    try:
+        if node.role in ("all", "receiver"):
             listener = listen(node.host, node.port) if node.port is not None else None
             if node.tls is not None and node.tls.port is not None:
                 tls_listener = listen(node.host, node.tls.port)
-        except ListenError as exc:
-            print(exc, file=sys.stderr)
-            return 2
+    except ListenError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        if config.api is not None:  # the HTTP API serves every role
+            api_listener = listen(config.api.host, config.api.port)
+    except ListenError as exc:
+        print(f"HTTP API: {exc}", file=sys.stderr)
+        return 2
     app = NodeApp(config)
     stop = threading.Event()
 
@@ -101,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    app.start(listener, tls_listener)
+    app.start(listener, tls_listener, api_listener)
     stop.wait()
     app.stop()
     log.info("stopped")
