@@ -305,3 +305,43 @@ class AuditForwarding(Base):
     #: Since when the target cannot be reached, and why; None while it can.
     failing_since: Mapped[datetime | None] = mapped_column(UtcDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class WebhookState(str, enum.Enum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    #: Given up after the hook's retry window (or the hook is no longer configured); ``last_error`` says why.
+    FAILED = "failed"
+
+
+class WebhookEvent(Base):
+    """One event (a job ended, a delivery given up) to one configured webhook: the notifications' outbox.
+
+    Written in the transaction of the state change it tells about (node/notify/record.py), so an event
+    is neither lost nor told about a change that was rolled back. ``payload`` is the JSON body without
+    its ``id`` (this row's id, added when sent): the same bytes at every retry.
+    """
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The webhook's name in the config (``webhooks[].name``).
+    hook: Mapped[str] = mapped_column(String(64))
+    #: job.done, job.failed, job.not_analysed, delivery.failed
+    event: Mapped[str] = mapped_column(String(32))
+    #: What the event is about, for operators: "job 12", "delivery 40".
+    subject: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict] = mapped_column(JSON)
+    state: Mapped[WebhookState] = mapped_column(_enum(WebhookState, "webhook_state"), default=WebhookState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    #: A sender holds the row until this time; another process may take it over afterwards.
+    leased_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    leased_by: Mapped[str | None] = mapped_column(String(128))
+    #: The receiver's HTTP status of the last attempt (None: no answer).
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+    __table_args__ = (Index("ix_webhook_events_state_next", "state", "next_attempt_at"),)

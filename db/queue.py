@@ -28,13 +28,17 @@ def process_identity(suffix: str = "") -> str:
 
 
 def claim_next_job(sessions: sessionmaker[Session], worker_id: str, now: datetime | None = None) -> Job | None:
-    """Move the oldest queued job to running for ``worker_id``; None when the queue is empty."""
+    """Move the queued job of highest priority (then the oldest) to running for ``worker_id``; None when none is due.
+
+    A STAT route's job overtakes the routine ones still queued, not those already running. A job put off
+    by a transient failure (``retry_at``) is not due before that time, whatever its priority.
+    """
     now = now or utcnow()
     with sessions() as session, session.begin():
         stmt = (
             select(Job)
             .where(Job.state == JobState.QUEUED, or_(Job.retry_at.is_(None), Job.retry_at <= now))
-            .order_by(Job.id)
+            .order_by(Job.priority.desc(), Job.id)
             .limit(1)
         )
         if is_postgres(session.get_bind()):

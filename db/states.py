@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Delivery, DeliveryState, Job, JobState, Study, StudyState
+from db.models import Delivery, DeliveryState, Job, JobState, Study, StudyState, WebhookEvent, WebhookState
 
 S = TypeVar("S", bound=Enum)
 
@@ -44,10 +44,11 @@ STUDY_TRANSITIONS: Mapping[StudyState | None, frozenset[StudyState]] = {
 }
 
 #: Job: queued when made; running once a worker claims it; ended (done, failed, not-applicable)
-#: by its worker; queued again when its worker died (the reclaimer) or by an operator's re-run.
+#: by its worker; queued again when its worker died (the reclaimer) or by an operator's re-run;
+#: failed without running when an operator cancels it while it is queued.
 JOB_TRANSITIONS: Mapping[JobState | None, frozenset[JobState]] = {
     None: frozenset({JobState.QUEUED}),
-    JobState.QUEUED: frozenset({JobState.RUNNING}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
     JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.NOT_APPLICABLE, JobState.QUEUED}),
     JobState.DONE: frozenset({JobState.QUEUED}),
     JobState.FAILED: frozenset({JobState.QUEUED}),
@@ -234,3 +235,25 @@ def make_delivery_due(row: Delivery, now: datetime) -> None:
     row.next_attempt_at = now
     row.last_status = None
     row.delivered_at = None
+
+
+# -- webhook events -----------------------------------------------------------------------------
+#: A webhook event (node/notify/): pending when made, until its receiver answers 2xx (delivered) or
+#: its webhook's retry window runs out (failed). Neither is sent again.
+WEBHOOK_TRANSITIONS: Mapping[WebhookState | None, frozenset[WebhookState]] = {
+    None: frozenset({WebhookState.PENDING}),
+    WebhookState.PENDING: frozenset({WebhookState.DELIVERED, WebhookState.FAILED}),
+}
+
+
+def set_webhook_state(row: WebhookEvent, new: WebhookState, reason: str | None, now: datetime) -> WebhookState | None:
+    """Move ``row`` to ``new``; ``reason`` is why it is not delivered (None clears it). Returns the state it had.
+
+    Delivered: at ``now``. When the next attempt is due is the sender's business.
+    """
+    old = _check("webhook event", row.id or "(new)", WEBHOOK_TRANSITIONS, row.state, new)
+    row.state = new
+    row.last_error = reason
+    if new is WebhookState.DELIVERED:
+        row.delivered_at = now
+    return old

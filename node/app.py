@@ -35,11 +35,13 @@ from node.deliver.scu import PeerAddress, StoreOutcome, store
 from node.identity import MANUFACTURER, device_uid
 from node.loops import Loop
 from node.models import study_runner_from_config
+from node.notify.record import WebhookRecorder
+from node.notify.send import WebhookSender, webhook_loop
 from node.receive.ingest import InstanceIndex, reconcile_spool
 from node.receive.retention import Retention
 from node.receive.scp import AssociationLimits, ListenError, StorageSCP, known_hosts, listen
 from node.receive.spool import Spool
-from node.tls import NodeTLS
+from node.tls import NodeTLS, https_context
 from node.work.destinations import make_resolver
 from node.work.worker import Worker, WorkerPool
 from pipelines.study import StudyRunner
@@ -72,6 +74,8 @@ class NodeApp:
         node = config.node
         #: Read (and checked: ConfigError naming the file) before the database is touched; again on SIGHUP.
         self.tls = NodeTLS(config) if node.tls is not None else None
+        where = f"config error in {config.source.path}"
+        self.api_ssl = https_context(config.api, where) if config.api is not None else None
         self.engine = make_engine(node.database_url)
         upgrade(self.engine)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
@@ -80,6 +84,12 @@ class NodeApp:
         self.index = InstanceIndex(self.sessions, node.late_instances)
         self.device_uid = device_uid(config)
         self.identity = process_identity()
+        # Webhook rows are written in the transaction of the job or delivery change they tell about (node/notify/),
+        # whoever makes it: a worker, the outbox, an operator's command.
+        node_id = {"ae_title": node.ae_title, "device_uid": self.device_uid}
+        WebhookRecorder(config.webhooks, node_id).install(self.sessions)
+        #: Sends them, in the roles where jobs end and deliveries fail (made in start()).
+        self.webhook_sender: WebhookSender | None = None
         self.job_lease_s = job_lease_s
         self.max_job_attempts = max_job_attempts
         self._runner = runner
@@ -124,6 +134,10 @@ class NodeApp:
             peer = dataclasses.replace(peer, tls=self.tls.contexts.client)
         return store(calling_ae, peer, items)
 
+    def _rejected_instances(self) -> dict[str, int]:
+        """The C-STOREs this process refused, by reason (for /metrics)."""
+        return self.scp.rejected_counts() if self.scp is not None else {}
+
     # -- lifecycle -------------------------------------------------------------------------
     def start(
         self,
@@ -141,13 +155,28 @@ class NodeApp:
         """
         node = self.config.node
         receives = node.role in ("all", "receiver")
+        if self.config.webhooks and node.role in ("all", "worker"):
+            # Secrets are read from the environment now: an unset variable stops the start (ConfigError).
+            self.webhook_sender = WebhookSender(
+                sessions=self.sessions, hooks=self.config.webhooks, owner=self.identity, env=os.environ
+            )
         if receives and listener is None and node.port is not None:
             listener = listen(node.host, node.port)
         if self.config.api is not None:
             self.api_server = ApiServer(
                 self.config.api,
-                make_api(self.config.api, self.sessions, self.spool, self.readiness_checks(), self._wake_workers),
+                make_api(
+                    self.config.api,
+                    self.sessions,
+                    self.spool,
+                    self.readiness_checks(),
+                    self._wake_workers,
+                    config=self.config,
+                    on_delivery_due=self._wake_outbox,
+                    rejected_instances=self._rejected_instances if receives else None,
+                ),
                 sock=api_listener,
+                ssl_context=self.api_ssl,
             )
             if api_listener is None:
                 try:
@@ -209,6 +238,8 @@ class NodeApp:
         ]
         if self.config.audit.syslog is not None:  # the audit trail, to the site's audit repository (node/audit/)
             self.loops.append(audit_loop(AuditForwarder.from_config(self.config, self.sessions, self.identity)))
+        if self.webhook_sender is not None:
+            self.loops.append(webhook_loop(self.webhook_sender))
         for loop in self.loops:
             loop.start()
 
@@ -237,7 +268,7 @@ class NodeApp:
                     reserved_for_known=node.reserved_for_known_peers,
                     establish_timeout_s=node.association_timeout_s,
                     known_hosts=known_hosts(
-                        [p.host for p in self.config.peers.values()]
+                        [p.host for p in self.config.peers.values() if p.host is not None]
                         + [c.partition("@")[2] for c in node.allowed_callers if "@" in c]
                     ),
                 ),
@@ -249,11 +280,18 @@ class NodeApp:
                 self.scp.start(node.host, tls_port or 0, tls_listener, ssl_context=self.tls.contexts.server)
         if self.api_server is not None:
             self.api_server.start()
-        if self.tls is not None and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             # Signal handlers can only be set from the main thread (a node started in a test's thread has none).
-            self._previous_sighup = signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload_tls())
+            # Always: SIGHUP's default action ends the process without a word (systemd's ExecReload sends it).
+            self._previous_sighup = signal.signal(signal.SIGHUP, lambda _signum, _frame: self._on_sighup())
         self._log_started(models)
         self._audit_application("start")
+
+    def _on_sighup(self) -> None:
+        if self.tls is None:
+            log.info("SIGHUP: nothing to reload (no node.tls); the node goes on")
+            return
+        self.reload_tls()
 
     def reload_tls(self) -> bool:
         """SIGHUP: read the certificates again; new connections use them, associations in flight keep theirs.
@@ -292,7 +330,7 @@ class NodeApp:
             self.spool.root.absolute(),
         )
         peers = ", ".join(
-            f"{k}={p.ae_title}@{p.host}:{p.port}{' (TLS)' if p.tls else ''}" for k, p in config.peers.items()
+            f"{k}={p.describe()}" for k, p in config.peers.items()
         ) or "none"  # fmt: skip
         routes = "; ".join(f"{r.name} -> {r.pipeline} -> {','.join(r.destinations)}" for r in config.routes) or "none"
         log.info("peers: %s", peers)
@@ -377,6 +415,10 @@ class NodeApp:
     def _wake_workers(self) -> None:
         if self.pool is not None:
             self.pool.wake()
+
+    def _wake_outbox(self) -> None:
+        if self.outbox_thread is not None:
+            self.outbox_thread.wake()
 
     # -- housekeeping ----------------------------------------------------------------------
     def _reclaim(self) -> None:

@@ -11,16 +11,20 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -201,21 +205,168 @@ class ResultSettings(_Strict):
     omit_empty_seg_frames: bool = False
 
 
+class ExportSettings(_Strict):
+    """``ainode export``: the site secret that keys the pseudonymous patient key (HMAC-SHA256 of issuer + ID).
+
+    The secret is read from ``pseudonym_key_file`` when set (relative to the working folder), else from the
+    environment variable ``pseudonym_key_env``. Without one the export refuses to run: an unkeyed hash of a
+    patient ID is reversed by hashing every ID of the hospital's range.
+    """
+
+    pseudonym_key_env: str = Field("AINODE_PSEUDONYM_KEY", min_length=1)
+    pseudonym_key_file: Path | None = None
+
+
+class DicomWebAuth(_Strict):
+    """How the node proves itself to a DICOMweb server: a bearer token, or a user name and password (HTTP basic).
+
+    Secrets never stand in the config: each is named by an environment variable (``*_env``) or a
+    file (``*_file``, e.g. a Kubernetes Secret mounted as a volume), read again at each attempt.
+    """
+
+    bearer_token_env: str | None = Field(None, min_length=1)
+    bearer_token_file: Path | None = None
+    username: str | None = Field(None, min_length=1)
+    password_env: str | None = Field(None, min_length=1)
+    password_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secret_in_clear(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, instead in (("password", "password"), ("token", "bearer_token"), ("bearer_token", "bearer_token")):
+                if key in data:
+                    raise ValueError(
+                        f"{key}: secrets are not written in the config; name an environment variable"
+                        f" ({instead}_env) or a file ({instead}_file)"
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _one_method(self) -> DicomWebAuth:
+        token = [k for k in ("bearer_token_env", "bearer_token_file") if getattr(self, k) is not None]
+        password = [k for k in ("password_env", "password_file") if getattr(self, k) is not None]
+        if len(token) > 1 or len(password) > 1:
+            raise ValueError(f"{' and '.join(token if len(token) > 1 else password)}: give one of them")
+        if token and (self.username is not None or password):
+            raise ValueError("a bearer token or username with password_env/password_file, not both")
+        if not token and (self.username is None or not password):
+            raise ValueError("needs bearer_token_env (or _file), or username with password_env (or password_file)")
+        for key in ("bearer_token_file", "password_file"):
+            path = getattr(self, key)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{key}: {path.absolute()}: no such file")
+        return self
+
+    @model_validator(mode="after")
+    def _secret_set(self, info: ValidationInfo) -> DicomWebAuth:
+        # load_config passes the environment it reads: a missing secret stops the start, not the first send.
+        env = (info.context or {}).get("env")
+        for key in ("bearer_token_env", "password_env"):
+            name = getattr(self, key)
+            if env is not None and name is not None and not env.get(name):
+                raise ValueError(f"{key}: the environment variable {name} is not set")
+        return self
+
+
+class DicomWebTarget(_Strict):
+    """A DICOMweb server that stores results by STOW-RS (PS3.18 10.5), e.g. Orthanc's ``/dicom-web``.
+
+    Relative paths are relative to the working folder, as ``spool_dir``.
+    """
+
+    #: The service's root, e.g. ``https://pacs.example.org/dicom-web``: results are posted to ``<url>/studies``.
+    url: str
+    #: None: the server takes anonymous stores.
+    auth: DicomWebAuth | None = None
+    #: https: the CA the server's certificate must chain to; None: REQUESTS_CA_BUNDLE's, else certifi's CAs.
+    ca_file: Path | None = None
+    #: false: the server's certificate is not checked (a test server only; anyone on the path can read results).
+    verify_tls: bool = True
+    #: Connecting, and then each wait for the server's answer, within this.
+    timeout_s: float = Field(30, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parsed = urlsplit(v.strip())
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"{v!r} is not an http:// or https:// URL with a host")
+        if parsed.username is not None or parsed.password is not None:
+            raise ValueError("credentials do not go in the URL: use auth (secrets from the environment or a file)")
+        if parsed.query or parsed.fragment:
+            raise ValueError(f"{v!r}: the service's root URL takes no ?query or #fragment")
+        try:
+            _ = parsed.port  # raises for a port out of range or not a number
+        except ValueError as exc:
+            raise ValueError(f"{v!r}: {exc}") from None
+        return v.strip().rstrip("/")
+
+    @model_validator(mode="after")
+    def _tls(self) -> DicomWebTarget:
+        https = self.url.startswith("https://")
+        if not https and (self.ca_file is not None or not self.verify_tls):
+            raise ValueError("ca_file and verify_tls are for an https:// url")
+        if self.ca_file is not None and not self.verify_tls:
+            raise ValueError("ca_file is not used with verify_tls: false")
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file: {self.ca_file.absolute()}: no such file")
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parsed = urlsplit(self.url)
+        return parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
 class Peer(_Strict):
-    ae_title: AETitle
-    host: str
-    port: Port
+    """A DICOM peer (``ae_title``, ``host``, ``port``: C-STORE), or a DICOMweb server (``dicomweb``: STOW-RS).
+
+    A DICOMweb peer may keep ``ae_title`` (and ``host``): the AE it sends studies from, so that
+    results for "sender" go back to it by STOW-RS.
+    """
+
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: Port | None = None
     #: The peer sends one whole study per association ("send to AI"): process it at release.
     complete_on_release: bool = False
     #: Results go out over DICOM TLS, the peer verified against node.tls.ca_file.
     tls: bool = False
+    #: Results go out by STOW-RS to this server instead of by C-STORE.
+    dicomweb: DicomWebTarget | None = None
     #: Which result objects this destination gets ("seg", "sr", "sc" in the file; ResultKind once validated).
     outputs: set[ResultKind] = {ResultKind.SEG, ResultKind.SR}
 
     @field_validator("ae_title")
     @classmethod
-    def _ae(cls, v: str) -> str:
-        return _check_ae_title(v)
+    def _ae(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ae_title(v)
+
+    @model_validator(mode="after")
+    def _kind(self) -> Peer:
+        if self.dicomweb is not None:
+            dicom_only = [k for k in ("port", "tls") if k in self.model_fields_set]
+            if dicom_only:
+                raise ValueError(f"{' and '.join(dicom_only)}: for C-STORE peers; this peer is reached at dicomweb.url")
+            return self
+        missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(
+                f"{', '.join(missing)} missing: a DICOM peer needs ae_title, host and port"
+                " (or dicomweb: {url: ...} for a DICOMweb server)"
+            )
+        return self
+
+    def describe(self) -> str:
+        """Where results go, for an operator: ``PACS@10.0.0.5:104 (TLS)`` or ``STOW-RS https://pacs/dicom-web``."""
+        if self.dicomweb is not None:
+            return f"STOW-RS {self.dicomweb.url}"
+        return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
 
 
 class RetryPolicy(_Strict):
@@ -224,6 +375,63 @@ class RetryPolicy(_Strict):
     max_delay_s: float = Field(3600, gt=0)
     #: Default: keep retrying for 24 h.
     give_up_after_s: float = Field(86400, gt=0)
+
+
+class NotificationEvent(str, Enum):
+    """What a webhook can be told about (``webhooks[].events``)."""
+
+    JOB_DONE = "job.done"
+    JOB_FAILED = "job.failed"
+    JOB_NOT_ANALYSED = "job.not_analysed"
+    #: A delivery failed for good: its retry window ran out, or its peer does not take its kind.
+    DELIVERY_FAILED = "delivery.failed"
+
+
+_ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+class Webhook(_Strict):
+    """An HTTP endpoint told about jobs and deliveries (a RIS, a chat bridge): a JSON POST per event.
+
+    The body carries UIDs, pipeline, route, reason and counts, never a patient value. Secrets are
+    named by environment variable, not written in the file.
+    """
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    url: str
+    events: list[NotificationEvent] = Field(min_length=1)
+    #: The variable holding the key of an HMAC-SHA256 of the body (header X-AINode-Signature: sha256=<hex>).
+    secret_env: str | None = Field(None, pattern=f"^{_ENV_NAME}$")
+    #: The variable holding a token sent as ``Authorization: Bearer <token>``.
+    bearer_token_env: str | None = Field(None, pattern=f"^{_ENV_NAME}$")
+    #: Connecting and the receiver's answer each within this.
+    timeout_s: float = Field(5, gt=0, le=120)
+    retry: RetryPolicy = Field(
+        default_factory=lambda: RetryPolicy(initial_delay_s=5, factor=2, max_delay_s=600, give_up_after_s=86400)
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("a webhook URL is http:// or https:// with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("no credentials in the URL (it is logged): use bearer_token_env")
+        return v
+
+    @field_validator("events")
+    @classmethod
+    def _once(cls, v: list[NotificationEvent]) -> list[NotificationEvent]:
+        return list(dict.fromkeys(v))
+
+
+def _unique_webhook_names(hooks: list[Webhook]) -> list[Webhook]:
+    names = [h.name for h in hooks]
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if doubled:
+        raise ValueError(f"webhook names must be unique ({', '.join(doubled)} given twice)")
+    return hooks
 
 
 class SyslogTarget(_Strict):
@@ -302,6 +510,15 @@ class ApiSettings(_Strict):
     host: str = "127.0.0.1"
     port: Port = 8081
     tokens: list[ApiToken] = []
+    #: HTTPS: the server's certificate chain and its unencrypted key (PEM); both or neither.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _https_pair(self) -> ApiSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (HTTPS needs both)")
+        return self
 
     @field_validator("tokens")
     @classmethod
@@ -353,6 +570,9 @@ class Route(_Strict):
     pipeline: str = Field(min_length=1)
     destinations: list[str] = ["sender"]
     stable_after_s: float = Field(DEFAULT_STABLE_AFTER_S, gt=0)
+    #: Workers claim the queued job of highest priority first (then the oldest): 0 routine, e.g. 10 for STAT.
+    #: A job keeps the priority its route had when it was made, also when it is queued again.
+    priority: int = Field(0, ge=-1000, le=1000)
 
     @field_validator("match", mode="before")
     @classmethod
@@ -384,6 +604,10 @@ class Config(_Strict):
     audit: AuditSettings = AuditSettings()
     #: None: no HTTP server.
     api: ApiSettings | None = None
+    #: HTTP endpoints told about jobs and deliveries (node/notify/); empty: no notifications.
+    webhooks: Annotated[list[Webhook], AfterValidator(_unique_webhook_names)] = []
+    #: ``ainode export`` (research export): where the pseudonym key comes from.
+    export: ExportSettings = ExportSettings()
     _source: ConfigSource = PrivateAttr(default=ConfigSource(DEFAULT_CONFIG, "embedded defaults"))
 
     @property
@@ -520,7 +744,7 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
         data["routes"] = default_routes()
     owners = [(_apply(data, key_path, value, var), var) for key_path, value, var in _env_overrides(env)]
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(data, context={"env": env})
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.config import Config, ConfigError, TLSSettings
+from node.config import ApiSettings, Config, ConfigError, TLSSettings
 
 #: TLS 1.2 suites of BCP 195 (RFC 9325 4.2): ephemeral key exchange and AEAD only. TLS 1.3 suites are
 #: all of that kind. The exclusions keep weak suites out whatever a future OpenSSL adds to the groups.
@@ -33,39 +33,44 @@ def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
 
 
 def _readable(key: str, path: Path, where: str) -> str:
-    """The file's text, or ConfigError naming the key and the file."""
+    """The file's text, or ConfigError naming the key (``node.tls.cert_file``) and the file."""
     try:
         return path.read_text(errors="replace")
     except FileNotFoundError:
-        raise ConfigError(f"{where}: node.tls.{key}: {path.absolute()}: no such file") from None
+        raise ConfigError(f"{where}: {key}: {path.absolute()}: no such file") from None
     except OSError as exc:
         why = (exc.strerror or str(exc)).lower()
-        raise ConfigError(f"{where}: node.tls.{key}: cannot read {path.absolute()}: {why}") from None
+        raise ConfigError(f"{where}: {key}: cannot read {path.absolute()}: {why}") from None
 
 
-def _load_files(context: ssl.SSLContext, tls: TLSSettings, where: str) -> None:
-    cert_text = _readable("cert_file", tls.cert_file, where)
-    key_text = _readable("key_file", tls.key_file, where)
+def _load_certificate(context: ssl.SSLContext, cert_file: Path, key_file: Path, where: str, section: str) -> None:
+    """The certificate chain and its key into ``context``; ConfigError naming ``section``'s key and the file."""
+    cert_text = _readable(f"{section}.cert_file", cert_file, where)
+    key_text = _readable(f"{section}.key_file", key_file, where)
     if "BEGIN CERTIFICATE" not in cert_text:
-        raise ConfigError(f"{where}: node.tls.cert_file: {tls.cert_file.absolute()} holds no PEM certificate")
+        raise ConfigError(f"{where}: {section}.cert_file: {cert_file.absolute()} holds no PEM certificate")
     if "ENCRYPTED" in key_text:
         # OpenSSL would prompt on the terminal for the password: a service has none to give.
         raise ConfigError(
-            f"{where}: node.tls.key_file: {tls.key_file.absolute()} is password-protected; "
+            f"{where}: {section}.key_file: {key_file.absolute()} is password-protected; "
             "the node reads unencrypted keys (protect the file by its permissions)"
         )
     try:
-        context.load_cert_chain(tls.cert_file, tls.key_file, password=b"")
+        context.load_cert_chain(cert_file, key_file, password=b"")
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            why = f"{tls.key_file.absolute()} is not the key of {tls.cert_file.absolute()}"
+            why = f"{key_file.absolute()} is not the key of {cert_file.absolute()}"
         elif "PRIVATE KEY" not in key_text:
-            why = f"{tls.key_file.absolute()} holds no PEM private key"
+            why = f"{key_file.absolute()} holds no PEM private key"
         else:
-            why = f"{tls.cert_file.absolute()} or {tls.key_file.absolute()} cannot be loaded: {exc.reason or exc}"
-        raise ConfigError(f"{where}: node.tls.key_file: {why}") from None
+            why = f"{cert_file.absolute()} or {key_file.absolute()} cannot be loaded: {exc.reason or exc}"
+        raise ConfigError(f"{where}: {section}.key_file: {why}") from None
+
+
+def _load_files(context: ssl.SSLContext, tls: TLSSettings, where: str) -> None:
+    _load_certificate(context, tls.cert_file, tls.key_file, where, "node.tls")
     if tls.ca_file is not None:
-        ca_text = _readable("ca_file", tls.ca_file, where)
+        ca_text = _readable("node.tls.ca_file", tls.ca_file, where)
         try:
             if "BEGIN CERTIFICATE" not in ca_text:
                 raise ssl.SSLError("no PEM certificate")
@@ -82,6 +87,15 @@ def server_context(tls: TLSSettings, where: str) -> ssl.SSLContext:
         context.verify_mode = ssl.CERT_REQUIRED
     elif tls.ca_file is not None:
         context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def https_context(api: ApiSettings, where: str) -> ssl.SSLContext | None:
+    """The HTTP API's HTTPS context (BCP 195 like DICOM TLS), or None when ``api`` has no certificate."""
+    if api.cert_file is None or api.key_file is None:
+        return None
+    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    _load_certificate(context, api.cert_file, api.key_file, where, "api")
     return context
 
 

@@ -138,4 +138,4 @@ def test_db_upgrade_creates_the_schema(tmp_path):
     path = write_config(tmp_path, {"node": {"database_url": f"sqlite:///{tmp_path}/fresh.db"}})
     result = ainode("db", "upgrade", "--config", str(path))
     assert result.returncode == 0, result.stderr
-    assert "database at revision 0004 (was empty)" in result.stdout
+    assert "database at revision 0005 (was empty)" in result.stdout

@@ -115,7 +115,9 @@ def test_every_allowed_job_transition_sets_the_state_and_what_belongs_to_it(old,
         assert job.attempts == (2 if old in (None, JobState.RUNNING) else 0)
     else:
         assert job.finished_at == NOW
-        assert job.claimed_by == "host:1:w0"  # who ran it stays visible
+        # Who ran it stays visible; a queued job an operator cancelled never ran.
+        assert job.claimed_by == (None if old is JobState.QUEUED else "host:1:w0")
+        assert job.attempts == 2
 
 
 def test_a_claim_needs_the_worker():

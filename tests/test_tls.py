@@ -291,3 +291,49 @@ def test_node_with_its_plain_port_off_receives_over_tls_only(pki, tls_pacs, tmp_
             socket.create_connection(("127.0.0.1", plain_port), timeout=5).close()
     finally:
         proc.stop()
+
+
+def test_the_http_api_over_https_with_the_site_certificate(pki, tmp_path):
+    """api.cert_file / key_file: the API speaks HTTPS only (BCP 195, as DICOM TLS), verified against the site CA."""
+    import requests
+
+    api_port = free_port()
+    config = {
+        "node": node_section(tmp_path / "node"),
+        "api": {"host": "127.0.0.1", "port": api_port, "cert_file": str(pki.node[1]), "key_file": str(pki.node[0])},
+    }
+    checked = ainode("config", "check", str(write_config(tmp_path, config)))
+    assert checked.returncode == 0, checked.stderr
+    with NodeProcess(config, tmp_path / "node") as node:
+        url = f"https://127.0.0.1:{api_port}/healthz"
+        answer = wait_for(lambda: requests.get(url, verify=str(pki.ca.cert), timeout=5), 30, "the HTTPS API")
+        assert answer.status_code == 200 and answer.json() == {"status": "ok"}
+        with pytest.raises(requests.exceptions.SSLError):  # a client that trusts another CA refuses the node
+            requests.get(url, verify=str(pki.stranger[1]), timeout=5)
+        with pytest.raises(requests.exceptions.ConnectionError):  # no plain HTTP on the HTTPS port
+            requests.get(f"http://127.0.0.1:{api_port}/healthz", timeout=5)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(pki.ca.cert)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.maximum_version = ssl.TLSVersion.TLSv1_1
+            with pytest.raises((ssl.SSLError, ConnectionResetError)):
+                node_certificate(api_port, context)  # TLS 1.1 refused, as BCP 195 requires
+        # systemd's ExecReload sends SIGHUP: a node without node.tls says so and goes on (it used to die silently).
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: nothing to reload" in node.log_text(), 10, "the SIGHUP line", node=node)
+        assert node.proc.poll() is None
+        assert requests.get(url, verify=str(pki.ca.cert), timeout=5).status_code == 200
+    # Files that are not what their key says: one line naming the key, before anything starts.
+    broken = {**config, "api": {**config["api"], "key_file": str(pki.scanner[0])}}
+    path = write_config(tmp_path, broken)
+    for command in (["config", "check", str(path)], ["serve", "--config", str(path)]):
+        result = ainode(*command)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert result.stderr.strip() == (
+            f"config error in {path}: api.key_file: {pki.scanner[0]} is not the key of {pki.node[1]}"
+        ), command
+    half = {**config, "api": {"host": "127.0.0.1", "port": api_port, "cert_file": str(pki.node[1])}}
+    result = ainode("config", "check", str(write_config(tmp_path, half)))
+    assert result.returncode == 2 and "cert_file and key_file go together" in result.stderr, result.stderr

@@ -8,16 +8,26 @@ pipelines, states and outcomes only: never a UID, a patient ID or an AE title.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
-from db.models import Association, Delivery, DeliveryState, Instance, Job, JobState, Study, utcnow
+from db.models import (
+    Association,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Study,
+    WebhookEvent,
+    utcnow,
+)
 from node.receive.spool import Spool
 
 #: Upper bounds (seconds) of the job duration and inference time histograms.
@@ -37,10 +47,17 @@ class NodeCollector(Collector):
         The clock for the age of the oldest pending delivery.
     """
 
-    def __init__(self, sessions: sessionmaker[Session], spool: Spool, now: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        spool: Spool,
+        now: Callable[[], datetime] = utcnow,
+        rejected_instances: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
         self.sessions = sessions
         self.spool = spool
         self.now = now
+        self.rejected_instances = rejected_instances
 
     def collect(self) -> Iterator[Metric]:
         with self.sessions() as session:
@@ -55,6 +72,14 @@ class NodeCollector(Collector):
             yield _by_labels(
                 "ainode_deliveries", "Deliveries (results to a destination) by state.", ["state"],
                 session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all(),
+            )  # fmt: skip
+            yield _by_labels(
+                "ainode_webhook_events", "Webhook notifications (an event to a webhook) by webhook and state.",
+                ["hook", "state"],
+                session.execute(
+                    select(WebhookEvent.hook, WebhookEvent.state, func.count())
+                    .group_by(WebhookEvent.hook, WebhookEvent.state)
+                ).all(),
             )  # fmt: skip
             oldest = session.execute(
                 select(func.min(Delivery.created_at)).where(Delivery.state == DeliveryState.PENDING)
@@ -81,6 +106,14 @@ class NodeCollector(Collector):
         free = GaugeMetricFamily("ainode_spool_free_bytes", "Free space on the spool's disk.")
         free.add_metric([], self.spool.free_bytes())
         yield free
+        if self.rejected_instances is not None:
+            # Refused C-STOREs leave no row: this process counts them (a counter, from 0 at its start).
+            rejected = CounterMetricFamily(
+                "ainode_rejected_instances", "C-STOREs this process refused, by reason.", labels=["reason"]
+            )
+            for reason, count in sorted(self.rejected_instances().items()):
+                rejected.add_metric([reason], count)
+            yield rejected
 
 
 def make_registry(collector: Collector) -> CollectorRegistry:

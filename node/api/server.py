@@ -5,46 +5,33 @@ loopback or a management network); ``/api/v1`` needs ``Authorization: Bearer <to
 token in ``api.tokens``, and ``admin`` for actions. Only the tokens' SHA-256 is configured.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime, and
-# they name dependencies (client, admin) local to make_api.
-import hashlib
-import hmac
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime.
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any
+from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import AuditEvent, Job, utcnow
-from db.states import OPEN_JOB_STATES, requeue_job
 from node import __version__
+from node.api.auth import ApiContext
 from node.api.metrics import NodeCollector, make_registry
-from node.config import ApiSettings, ApiToken
+from node.api.page import page_router
+from node.api.routes_actions import action_routes
+from node.api.routes_read import read_routes
+from node.config import ApiSettings, Config
 from node.receive.spool import Spool
-from node.status import collect_status
 
 log = logging.getLogger("ainode.api")
 
 #: A readiness check: None when ready, else why not (one line).
 Check = Callable[[], str | None]
-
-
-def _check_token(tokens: list[ApiToken], presented: str | None) -> ApiToken | None:
-    if not presented:
-        return None
-    digest = hashlib.sha256(presented.encode()).hexdigest()
-    found = None
-    for token in tokens:  # every hash compared, in constant time each
-        if hmac.compare_digest(digest, token.sha256):
-            found = token
-    return found
 
 
 def make_api(
@@ -53,6 +40,10 @@ def make_api(
     spool: Spool,
     checks: Mapping[str, Check],
     on_job_queued: Callable[[], None] = lambda: None,
+    *,
+    config: Config | None = None,
+    on_delivery_due: Callable[[], None] = lambda: None,
+    rejected_instances: Callable[[], Mapping[str, int]] | None = None,
 ) -> FastAPI:
     """The FastAPI application of one node.
 
@@ -62,28 +53,28 @@ def make_api(
         Readiness checks by name (database, spool, models, dicom): ``/readyz`` is 503 naming those that fail.
     on_job_queued
         Called after a job was queued again (wakes this process's workers).
+    config
+        The node's config, for its models, routes and peers (and the route test); None: no routes, no peers.
+    on_delivery_due
+        Called after a delivery was made due again (wakes this process's outbox).
+    rejected_instances
+        C-STOREs this process refused, by reason (a receiving role's metric); None: not a receiver.
     """
     api = FastAPI(title="dicom-ai-node", version=__version__)
-    registry = make_registry(NodeCollector(sessions, spool))
-    bearer = HTTPBearer(auto_error=False)
+    registry = make_registry(NodeCollector(sessions, spool, rejected_instances=rejected_instances))
+    ctx = ApiContext(
+        config=(config if config is not None else Config()).model_copy(update={"api": settings}),
+        sessions=sessions,
+        spool=spool,
+        on_job_queued=on_job_queued,
+        on_delivery_due=on_delivery_due,
+    )
 
-    def client(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiToken:
-        token = _check_token(settings.tokens, credentials.credentials if credentials is not None else None)
-        if token is None:
-            raise HTTPException(401, "a valid token is needed (Authorization: Bearer <token>)",
-                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-        return token
-
-    def admin(token: Annotated[ApiToken, Depends(client)]) -> ApiToken:
-        if token.role != "admin":
-            raise HTTPException(403, f"token {token.name!r} is a viewer; this needs an admin token")
-        return token
-
-    @api.get("/healthz")
+    @api.get("/healthz", summary="The process is alive (no token)")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/readyz")
+    @api.get("/readyz", summary="Database, spool, models and DICOM port ready; 503 naming what is not (no token)")
     def readyz(response: Response) -> dict[str, Any]:
         results = {}
         for name, check in checks.items():
@@ -97,40 +88,31 @@ def make_api(
             response.status_code = 503
         return {"status": "not ready" if failing else "ready", "failing": failing, "checks": results}
 
-    @api.get("/metrics")
+    @api.get("/metrics", summary="Prometheus metrics, no patient data in any label (no token)")
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @api.get("/api/v1/studies")
-    def studies(_token: Annotated[ApiToken, Depends(client)], limit: int = 50) -> dict[str, Any]:
-        """What ``ainode status --json`` shows: studies, jobs, deliveries and rejected associations."""
-        return collect_status(sessions, limit=limit, spool=spool)
-
-    @api.post("/api/v1/jobs/{job_id}/retry")
-    def retry_job(job_id: int, token: Annotated[ApiToken, Depends(admin)]) -> dict[str, Any]:
-        """Queue an ended job again, as ``ainode jobs retry`` does; the audit trail names the token."""
-        with sessions() as session, session.begin():
-            job = session.get(Job, job_id)
-            if job is None:
-                raise HTTPException(404, f"no job {job_id}")
-            if job.state in OPEN_JOB_STATES:
-                raise HTTPException(409, f"job {job_id} is {job.state.value}; nothing to retry")
-            previous = requeue_job(session, job, f"retried by operator (was {job.state.value})", utcnow()).value
-            session.add(AuditEvent(kind="operator", actor=token.name, subject=str(job.id), detail=previous))
-        log.info("job %d queued again by API client %s (was %s)", job_id, token.name, previous)
-        on_job_queued()
-        return {"id": job_id, "state": "queued", "previous": previous}
-
+    api.include_router(read_routes(ctx))
+    api.include_router(action_routes(ctx))
+    api.include_router(page_router())
     return api
 
 
 class ApiServer:
     """uvicorn in a daemon thread, on a socket bound by :meth:`bind` (a port in use fails there, early)."""
 
-    def __init__(self, settings: ApiSettings, app: FastAPI, sock: socket.socket | None = None) -> None:
-        """``sock``: the HTTP port, already bound and listening (``ainode serve`` binds every port first)."""
+    def __init__(
+        self,
+        settings: ApiSettings,
+        app: FastAPI,
+        sock: socket.socket | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """``sock``: the HTTP port, already bound and listening (``ainode serve`` binds every port first);
+        ``ssl_context``: HTTPS (:func:`node.tls.https_context`), else plain HTTP."""
         self.settings = settings
         self.app = app
+        self.ssl_context = ssl_context
         self._socket: socket.socket | None = sock
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -161,6 +143,7 @@ class ApiServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=5,
+            ssl_context_factory=self._https_context if self.ssl_context is not None else None,
         )
         self._server = uvicorn.Server(config)
         sockets = [self._socket]
@@ -172,7 +155,14 @@ class ApiServer:
             time.sleep(0.02)
         if not self._server.started:
             raise RuntimeError(f"api: the HTTP server on {self.settings.host}:{self.settings.port} did not start")
-        log.info("HTTP API on http://%s:%d (healthz, readyz, metrics, api/v1)", self.settings.host, self.settings.port)
+        scheme = "https" if self.ssl_context is not None else "http"
+        log.info("HTTP API on %s://%s:%d (healthz, readyz, metrics, api/v1)", scheme, self.settings.host,
+                 self.settings.port)  # fmt: skip
+
+    def _https_context(self, _config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        """uvicorn's ssl_context_factory: the node's hardened context instead of uvicorn's default one."""
+        assert self.ssl_context is not None
+        return self.ssl_context
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._server is not None:

@@ -30,6 +30,7 @@ class RouteLike(Protocol):
     pipeline: str
     destinations: list[str]
     stable_after_s: float
+    priority: int
 
 
 class RouterLike(Protocol):
@@ -151,6 +152,7 @@ class StudyAssembler:
                     destinations=list(route.destinations),
                     sender_ae=study.sender_ae,
                     sender_host=study.sender_host,
+                    priority=route.priority,
                 )
                 set_job_state(job, JobState.QUEUED, None, now)
                 session.add(job)

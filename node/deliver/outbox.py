@@ -12,6 +12,10 @@ The row's address is the one last tried, for display. A destination that names n
 peer waits (no attempt, no giving up) and is looked at again every ``waiting_recheck_s``; a
 peer that does not take a result's kind (its ``outputs``) fails that delivery with the reason,
 since no later attempt can change that without a new configuration and an operator's retry.
+
+A peer with ``dicomweb`` gets its results by STOW-RS (node/deliver/stow.py), any other by C-STORE,
+with the same rows, backoff and fixed UIDs. An outcome marked ``permanent`` (a STOW-RS 401 or 409)
+fails its delivery at the first attempt instead of retrying against a server that said no.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from db.models import AuditEvent, Delivery, DeliveryState, Job, Result, utcnow
 from db.queue import lease_due_deliveries
 from db.states import make_delivery_due, set_delivery_state
 from node.deliver.scu import AssociationFailed, PeerAddress, StoreOutcome, store
+from node.deliver.stow import StowTarget, stow
 from node.loops import Loop
 from node.reasons import one_line_reason
 from node.receive.spool import Spool
@@ -82,6 +87,8 @@ class OutboxPass:
 
 
 StoreFn = Callable[[str, PeerAddress, list], list[StoreOutcome]]
+#: STOW-RS of result files to a DICOMweb destination (node/deliver/stow.py).
+StowFn = Callable[[StowTarget, list], list[StoreOutcome]]
 
 
 class Outbox:
@@ -97,6 +104,7 @@ class Outbox:
         lease_s: float = 300.0,
         waiting_recheck_s: float = 60.0,
         store_fn: StoreFn = store,
+        stow_fn: StowFn = stow,
     ) -> None:
         """``resolve`` maps a destination to its peer in the configuration in force; without it
         every delivery goes to the address stored on its row."""
@@ -109,6 +117,7 @@ class Outbox:
         self.lease_s = lease_s
         self.waiting_recheck_s = waiting_recheck_s
         self.store_fn = store_fn
+        self.stow_fn = stow_fn
 
     def run_once(self, now: datetime | None = None) -> int:
         """Send everything due; returns how many deliveries were accepted."""
@@ -140,7 +149,7 @@ class Outbox:
                 .where(Delivery.id.in_(ids))
                 .order_by(Delivery.id)
             ).all()
-        by_peer: dict[PeerAddress, list[tuple[int, str, str]]] = defaultdict(list)
+        by_peer: dict[PeerAddress | StowTarget, list[tuple[int, str, str]]] = defaultdict(list)
         held: dict[int, tuple[DeliveryState, str]] = {}
         for row in rows:
             if self.resolve is None:
@@ -159,7 +168,13 @@ class Outbox:
                     f"(add {row.kind} to peers.{dest.name}.outputs, then run ainode outbox retry)",
                 )
                 continue
-            by_peer[PeerAddress(dest.ae_title, dest.host, dest.port)].append((row.id, row.path, row.sop_instance_uid))
+            # The peer's kind decides the protocol: STOW-RS for a DICOMweb peer, C-STORE otherwise.
+            target = (
+                StowTarget.of(dest.name, dest.dicomweb)
+                if dest.dicomweb is not None
+                else PeerAddress(dest.ae_title, dest.host, dest.port)
+            )
+            by_peer[target].append((row.id, row.path, row.sop_instance_uid))
         if held:
             self._hold(held, now, summary)
         for peer, items in by_peer.items():
@@ -186,9 +201,13 @@ class Outbox:
                 log.error("delivery %d to %s failed: %s", row.id, row.destination, why)
                 session.add(AuditEvent(kind="delivery", actor=row.destination, subject=str(row.id), detail=why))
 
-    def _send(self, peer: PeerAddress, items: list[tuple[int, str, str]], summary: OutboxPass) -> None:
+    def _send(self, peer: PeerAddress | StowTarget, items: list[tuple[int, str, str]], summary: OutboxPass) -> None:
         try:
-            outcomes = self.store_fn(self.calling_ae, peer, [self.spool.abspath(p) for _, p, _ in items])
+            paths = [self.spool.abspath(p) for _, p, _ in items]
+            if isinstance(peer, StowTarget):
+                outcomes = self.stow_fn(peer, paths)
+            else:
+                outcomes = self.store_fn(self.calling_ae, peer, paths)
         except Exception as exc:  # a peer down or a broken result file must not stop the outbox
             # AssociationFailed's own message states the cause (node/deliver/scu.py); others name their type.
             why = str(exc) if isinstance(exc, AssociationFailed) else one_line_reason(exc)
@@ -210,22 +229,14 @@ class Outbox:
                     log.info("delivery %d: %s accepted by %s (0x%04X)", row.id, sop_uid, peer, outcome.status or 0)
                     session.add(AuditEvent(kind="delivery", actor=str(peer), subject=sop_uid, detail="delivered"))
                     continue
-                if self.backoff.gives_up(row.attempts):
+                if outcome.permanent or self.backoff.gives_up(row.attempts):
+                    # A refusal no retry changes (a STOW-RS 401 or 409) ends the delivery at once.
+                    ended = "refused" if outcome.permanent else f"given up after {row.attempts} attempts"
                     set_delivery_state(row, DeliveryState.FAILED, outcome.error, now)
                     summary.failed += 1
-                    log.error(
-                        "delivery %d: %s to %s given up after %d attempts: %s",
-                        row.id,
-                        sop_uid,
-                        peer,
-                        row.attempts,
-                        outcome.error,
-                    )
-                    session.add(
-                        AuditEvent(
-                            kind="delivery", actor=str(peer), subject=sop_uid, detail=f"gave up: {outcome.error}"
-                        )
-                    )
+                    log.error("delivery %d: %s to %s %s: %s", row.id, sop_uid, peer, ended, outcome.error)
+                    detail = f"{'refused' if outcome.permanent else 'gave up'}: {outcome.error}"
+                    session.add(AuditEvent(kind="delivery", actor=str(peer), subject=sop_uid, detail=detail))
                 else:
                     set_delivery_state(row, DeliveryState.PENDING, outcome.error, now)
                     summary.retrying += 1

@@ -72,6 +72,8 @@ class StoreOutcome:
     transfer_syntax: str | None = None
     #: The file's own transfer syntax when the peer accepted none of its syntaxes and it was converted.
     converted_from: str | None = None
+    #: The peer refused in a way no later attempt changes (a STOW-RS 4xx such as 401 or 409): no retry.
+    permanent: bool = False
 
     @property
     def accepted(self) -> bool:

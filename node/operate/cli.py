@@ -1,4 +1,4 @@
-"""``ainode``: serve, status, jobs, echo, send, route-test, run, config, db, models.
+"""``ainode``: serve, status, jobs, echo, send, route-test, run, export, config, db, models.
 
 Exit codes: 0 success, 1 the operation failed (peer down, job not found, ...), 2 bad
 usage or bad configuration.
@@ -140,10 +140,17 @@ def check_config_command(path: Path | str) -> tuple[int, str]:
             NodeTLS(cfg)  # the certificate, key and CA files as serve reads them
         except ConfigError as exc:
             return 2, str(exc)
+    if cfg.api is not None:
+        from node.tls import https_context
+
+        try:
+            https_context(cfg.api, f"config error in {cfg.source.path}")  # the API's HTTPS files, as serve reads them
+        except ConfigError as exc:
+            return 2, str(exc)
     listening = [f"{n.host}:{n.port}"] if n.port is not None else []
     listening += [f"{n.host}:{n.tls.port} (TLS)"] if n.tls is not None and n.tls.port is not None else []
     ports = " and ".join(listening) or "no port"
-    peers = ", ".join(f"{k}={p.ae_title}@{p.host}:{p.port}" for k, p in cfg.peers.items()) or "none"
+    peers = ", ".join(f"{k}={p.describe()}" for k, p in cfg.peers.items()) or "none"
     routes = "; ".join(f"{r.name} -> {r.pipeline} -> {','.join(r.destinations)}" for r in cfg.routes) or "none"
     warnings = "".join(f"\n  warning: {w}" for w in delivery_warnings(cfg))
     return 0, (
@@ -187,87 +194,41 @@ def _operator(command: str) -> str:
 
 
 def cmd_jobs_retry(args: argparse.Namespace) -> int:
-    from db.models import AuditEvent, Job, utcnow
-    from db.states import OPEN_JOB_STATES, requeue_job
+    from db.models import utcnow
+    from node.actions import ActionRefused, retry_job
 
     sessions = _sessions(_load(args))
-    with sessions() as session, session.begin():
-        job = session.get(Job, args.id)
-        if job is None:
-            print(f"no job {args.id}", file=sys.stderr)
-            return 1
-        if job.state in OPEN_JOB_STATES:
-            print(f"job {args.id} is {job.state.value}; nothing to retry", file=sys.stderr)
-            return 1
-        previous = requeue_job(session, job, f"retried by operator (was {job.state.value})", utcnow()).value
-        session.add(
-            AuditEvent(kind="operator", actor=_operator("ainode jobs retry"), subject=str(job.id), detail=previous)
-        )
+    try:
+        with sessions() as session, session.begin():
+            previous = retry_job(session, args.id, _operator("ainode jobs retry"), utcnow()).value
+    except ActionRefused as exc:
+        print(exc, file=sys.stderr)
+        return 1
     print(f"job {args.id} queued again (was {previous})")
     return 0
 
 
 def cmd_studies_reprocess(args: argparse.Namespace) -> int:
     """Run a study again: its jobs of the current version, or one pipeline (results to the sender)."""
-    from sqlalchemy import func, select, true
-
-    from db.models import AuditEvent, Instance, Job, JobState, Series, Study, StudyState, utcnow
-    from db.states import OPEN_JOB_STATES, queue_study_for, requeue_job, set_job_state
+    from db.models import utcnow
+    from node.actions import ActionRefused, reprocess_study
     from node.models import model_names
 
     config = _load(args)
-    route = None
     if args.pipeline is not None:
         found = sorted(model_names(config))
         if args.pipeline not in found:
             print(f"no pipeline named {args.pipeline!r} (models found: {', '.join(found) or 'none'})", file=sys.stderr)
             return 2
-        route = f"reprocess:{args.pipeline}"[:64]
     actor = _operator("ainode studies reprocess")
-    uid = args.study_uid
     sessions = _sessions(config)
-    now = utcnow()
-    with sessions() as session, session.begin():
-        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).first()
-        if study is None:
-            print(f"no study {uid}", file=sys.stderr)
-            return 1
-        if study.state == StudyState.RECEIVING:
-            print(f"study {uid} is still receiving; it is processed once complete", file=sys.stderr)
-            return 1
-        images = session.scalar(select(func.count(Instance.id)).join(Series).where(Series.study_id == study.id))
-        if not images:
-            print(f"study {uid} has no received images left ({study.note or 'none indexed'})", file=sys.stderr)
-            return 1
-        jobs = session.scalars(
-            select(Job)
-            .where(Job.study_id == study.id, Job.study_version == study.version)
-            .where(Job.route == route if route is not None else true())
-            .order_by(Job.id)
-        ).all()
-        lines = []
-        if route is not None and not jobs:
-            job = Job(study_id=study.id, study_version=study.version, route=route, pipeline=args.pipeline,
-                      destinations=["sender"], sender_ae=study.sender_ae, sender_host=study.sender_host)  # fmt: skip
-            set_job_state(job, JobState.QUEUED, "reprocess requested by operator", now)
-            session.add(job)
-            session.flush()
-            queue_study_for(study, job, now)
-            detail = f"study {uid}: new {route}"
-            session.add(AuditEvent(kind="operator", actor=actor, subject=str(job.id), detail=detail))
-            lines.append(f"job {job.id} ({route}, results to the sender) queued")
-        elif not jobs:
-            print(f"study {uid} has no jobs of version {study.version}; use --pipeline NAME", file=sys.stderr)
-            return 1
-        for job in jobs:
-            if job.state in OPEN_JOB_STATES:
-                lines.append(f"job {job.id} ({job.route}) is {job.state.value} already")
-                continue
-            previous = requeue_job(session, job, f"reprocessed by operator (was {job.state.value})", now).value
-            detail = f"study {uid}: was {previous}"
-            session.add(AuditEvent(kind="operator", actor=actor, subject=str(job.id), detail=detail))
-            lines.append(f"job {job.id} ({job.route}) queued again (was {previous})")
-    print(f"study {uid}: " + "; ".join(lines))
+    try:
+        with sessions() as session, session.begin():
+            done = reprocess_study(session, args.study_uid, actor, utcnow(), args.pipeline)
+    except ActionRefused as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"study {args.study_uid}: " + "; ".join(done.lines()))
     return 0
 
 
@@ -309,17 +270,12 @@ def cmd_outbox_retry(args: argparse.Namespace) -> int:
 
 
 def _peer(config: Config, name: str):  # type: ignore[no-untyped-def]
-    from node.deliver.scu import PeerAddress
+    from node.actions import ActionRefused, peer_address
 
-    peer = config.peers.get(name)
-    if peer is None:
-        known = ", ".join(sorted(config.peers)) or "none configured"
-        raise ConfigError(f"no peer named {name!r} (known: {known})")
-    if peer.tls:  # the node's own certificate and site CA, as its outbox uses them
-        from node.tls import NodeTLS
-
-        return PeerAddress(peer.ae_title, peer.host, peer.port, tls=NodeTLS(config).contexts.client)
-    return PeerAddress(peer.ae_title, peer.host, peer.port)
+    try:
+        return peer_address(config, name)
+    except ActionRefused as exc:  # an unknown peer, or one not reached by DICOM, is a configuration matter
+        raise ConfigError(str(exc)) from None
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -402,6 +358,39 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     outputs = set(args.outputs.split(",")) if args.outputs else None
     return run_offline(_load(args), _expand(args.inputs), Path(args.out), args.pipeline, outputs)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Research export: one row per result report, pseudonymous unless --with-phi (node/operate/export.py)."""
+    from node.models import registry_from_config
+    from node.operate.export import (
+        ExportFormat,
+        ExportQuery,
+        PseudonymKeyMissing,
+        parse_time,
+        pseudonym_key,
+        run_export,
+    )
+
+    config = _load(args)
+    try:
+        key = pseudonym_key(config.export)
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until, end_of_day=True) if args.until else None
+        query = ExportQuery(since=since, until=until, pipeline=args.pipeline, with_phi=args.with_phi)
+        if args.out is None and args.format == "parquet":
+            raise ValueError("parquet is written to a file: pass -o FILE")
+    except (PseudonymKeyMissing, ValueError) as exc:
+        print(f"ainode export: {exc}", file=sys.stderr)
+        return 2
+    models = {(m.name, m.version): m.sha256 for m in registry_from_config(config).list()}
+    out = Path(args.out) if args.out else None
+    actor = _operator("ainode export")
+    spool = Path(config.node.spool_dir)
+    n = run_export(_sessions(config), spool, key, query, models, ExportFormat(args.format), out, actor)
+    if out is not None:
+        print(f"{n} result(s) written to {out}", file=sys.stderr)
+    return 0
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -507,6 +496,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", help="skip routing and run this pipeline")
     p.add_argument("--outputs", help="comma-separated result kinds to write (default: seg,sr,sc)")
     p.set_defaults(func=cmd_run)
+
+    p = with_config(sub.add_parser("export", help="research export: one row per result, pseudonymous (no PHI)"))
+    p.add_argument("--since", help="results made at or after this time (YYYY-MM-DD or ISO 8601, UTC)")
+    p.add_argument("--until", help="results made before this time; a date includes that whole day")
+    p.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="file format (default: parquet)")
+    p.add_argument("--pipeline", help="only results of this pipeline")
+    p.add_argument("--with-phi", action="store_true", help="also patient name, ID, birth date, accession, UIDs")
+    p.add_argument("-o", "--out", help="output file (default: stdout, CSV only)")
+    p.set_defaults(func=cmd_export)
     _describe_commands(parser)
     return parser
 

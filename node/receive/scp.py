@@ -12,6 +12,7 @@ import logging
 import socket
 import ssl
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -59,6 +60,14 @@ def _uid_reaches_the_handler(value: object) -> tuple[bool, str]:
 
 #: Attributes every composite instance has; a dataset with none of them is not one.
 _IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+#: What a refused C-STORE's status means, as the ``reason`` label of the rejected-instances counter.
+REJECTION_REASONS = {
+    OUT_OF_RESOURCES: "out-of-resources",
+    DATASET_MISMATCH: "dataset-mismatch",
+    CANNOT_UNDERSTAND: "cannot-understand",
+}
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -366,6 +375,8 @@ class StorageSCP:
         self.on_release = on_release
         self._states: dict[int, _AssocState] = {}
         self._lock = threading.Lock()
+        #: C-STOREs refused since this process started, by reason (:data:`REJECTION_REASONS`).
+        self.rejected: Counter[str] = Counter()
 
         # pynetdicom's validators are process-wide by its design (pynetdicom._config.VALIDATORS).
         _config.VALIDATORS["UI"] = _uid_reaches_the_handler
@@ -610,15 +621,25 @@ class StorageSCP:
     def _on_c_echo(self, event: evt.Event) -> int:
         return SUCCESS
 
+    def rejected_counts(self) -> dict[str, int]:
+        """The C-STOREs refused since this process started, by reason (a copy, taken under the lock)."""
+        with self._lock:
+            return dict(self.rejected)
+
     def _on_c_store(self, event: evt.Event) -> int | Dataset:
         with self._lock:
             state = self._states.get(id(event.assoc))
         status = self._store(event, state)
+        refused = not (isinstance(status, int) and status == SUCCESS)
+        if refused:
+            code = int(status if isinstance(status, int) else status.Status)
+            with self._lock:
+                self.rejected[REJECTION_REASONS.get(code, f"0x{code:04X}")] += 1
         if state is not None:
-            if isinstance(status, int) and status == SUCCESS:
-                state.stored += 1
-            else:
+            if refused:
                 state.failed += 1
+            else:
+                state.stored += 1
         return status
 
     def _store(self, event: evt.Event, state: _AssocState | None) -> int | Dataset:

@@ -6,6 +6,7 @@ path because pynetdicom installs console scripts with the same names.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -204,10 +205,12 @@ class OrthancServer:
     Stop and start again on the same storage to play a PACS that is down for a while.
     """
 
-    def __init__(self, workdir: Path | None = None, aet: str = "ORTHANC") -> None:
+    def __init__(self, workdir: Path | None = None, aet: str = "ORTHANC", users: dict[str, str] | None = None) -> None:
+        """``users``: user name -> password for HTTP basic authentication (REST and DICOMweb); None: none."""
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="orthanc-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
+        self.users = dict(users or {})
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -224,7 +227,7 @@ class OrthancServer:
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
@@ -238,6 +241,8 @@ class OrthancServer:
             "StorageCompression": False,
             "LogExportedResources": False,
         }
+        if self.users:
+            config["RegisteredUsers"] = self.users
         self.config_path.write_text(json.dumps(config, indent=2))
 
     @property
@@ -274,6 +279,10 @@ class OrthancServer:
     def request(self, method: str, path: str, body: bytes | dict | list | None = None) -> bytes:
         data = json.dumps(body).encode() if isinstance(body, dict | list) else body
         req = urllib.request.Request(self.url + path, data=data, method=method)
+        if self.users:  # the tests' own REST calls, as the first registered user
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=60) as rsp:
             return rsp.read()
 
