@@ -64,4 +64,5 @@ python3 -m pytest tests/unit -q -p no:cacheprovider --timeout 300 \
   --cov=node --cov=db --cov=pipelines --cov-report=term:skip-covered
 
 echo "== the whole suite with real peers"
-exec python3 -m pytest tests -q -p no:cacheprovider --timeout 900 --ignore=tests/unit
+# --durations: the slowest tests in every CI log, to keep the suite within its 20-minute budget on 2 cores.
+exec python3 -m pytest tests -q -p no:cacheprovider --timeout 900 --ignore=tests/unit --durations=40
