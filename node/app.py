@@ -43,6 +43,8 @@ from node.receive.scp import AssociationLimits, ListenError, StorageSCP, known_h
 from node.receive.spool import Spool
 from node.tls import NodeTLS, https_context
 from node.work.destinations import make_resolver
+from node.work.prefetch import Prefetcher
+from node.work.slicestore import SliceStore
 from node.work.worker import Worker, WorkerPool
 from pipelines.study import StudyRunner
 
@@ -81,6 +83,9 @@ class NodeApp:
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self.spool = Spool(Path(node.spool_dir), min_free_bytes=node.min_free_disk_mb * 2**20)
         self.retention = Retention(self.sessions, self.spool, node.retention_days)
+        #: Label rows of slices analysed while their study arrived (runtime.stream_inference), shared by all processes.
+        self.slice_store = SliceStore(self.spool) if config.runtime.stream_inference else None
+        self.prefetcher: Prefetcher | None = None
         self.index = InstanceIndex(self.sessions, node.late_instances)
         self.device_uid = device_uid(config)
         self.identity = process_identity()
@@ -106,7 +111,9 @@ class NodeApp:
 
     # -- parts -----------------------------------------------------------------------------
     def _make_runner(self) -> StudyRunner:
-        return self._runner if self._runner is not None else study_runner_from_config(self.config)
+        if self._runner is not None:
+            return self._runner
+        return study_runner_from_config(self.config, self.slice_store.study if self.slice_store is not None else None)
 
     def backoff(self) -> Backoff:
         d = self.config.delivery
@@ -223,6 +230,17 @@ class NodeApp:
             ]
             self.pool = WorkerPool(workers, self.sessions, heartbeat_s=max(1.0, self.job_lease_s / 4))
             self.pool.start()
+            registry = getattr(runner, "registry", None)
+            if self.slice_store is not None and registry is not None and getattr(runner, "slice_cache", None):
+                pool = self.pool
+                self.prefetcher = Prefetcher(
+                    sessions=self.sessions,
+                    spool=self.spool,
+                    store=self.slice_store,
+                    model=registry.get,
+                    routes={r.name: r.pipeline for r in self.config.routes},
+                    idle=lambda: pool.idle,
+                )
             self.outbox_thread = outbox_loop(self.make_outbox())
             self.outbox_thread.start()
 
@@ -236,6 +254,8 @@ class NodeApp:
             Loop("reclaimer", self._reclaim, max(1.0, self.job_lease_s / 2), log=log),
             Loop("retention", self.retention.run, 600.0, log=log),
         ]
+        if self.prefetcher is not None:  # slices analysed while their study arrives, between jobs
+            self.loops.append(Loop("prefetch", self.prefetcher.step, 0.5, again_while_busy=True, log=log))
         if self.config.audit.syslog is not None:  # the audit trail, to the site's audit repository (node/audit/)
             self.loops.append(audit_loop(AuditForwarder.from_config(self.config, self.sessions, self.identity)))
         if self.webhook_sender is not None:

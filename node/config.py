@@ -194,10 +194,16 @@ class RuntimeSettings(_Strict):
     providers: Literal["auto"] | list[str] = "auto"
     intra_op_threads: int | None = Field(None, ge=1)
     inter_op_threads: int | None = Field(None, ge=1)
+    #: Model batches run at once in this process, across workers and models (each with the session's
+    #: threads); null: as many as there are workers running jobs.
+    inference_lanes: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)
     #: Largest volume a job loads (its pixels as float32): a larger series is not analysed
     #: ("volume-too-large") instead of exhausting the machine's memory.
     max_volume_mb: int = Field(4096, ge=1)
+    #: Run per-slice models (2D segmentation) on slices as they are stored, while the worker is idle, so that
+    #: a complete study has only its whole-volume steps left. The results are the same either way.
+    stream_inference: bool = True
 
 
 class ResultSettings(_Strict):

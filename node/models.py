@@ -9,7 +9,7 @@ same way.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,7 @@ from node.config import Config
 
 if TYPE_CHECKING:  # onnxruntime takes half a second to import: only the commands that need it pay
     from pipelines.runtime import ModelRegistry
+    from pipelines.slicecache import SliceCache
     from pipelines.study import StudyRunner
 
 
@@ -33,12 +34,16 @@ def registry_from_config(config: Config) -> ModelRegistry:
         providers=None if rt.providers == "auto" else list(rt.providers),
         intra_op_threads=rt.intra_op_threads,
         inter_op_threads=rt.inter_op_threads,
+        inference_lanes=rt.inference_lanes,
     )
 
 
-def study_runner_from_config(config: Config) -> StudyRunner:
+def study_runner_from_config(config: Config, slice_cache: Callable[[str], SliceCache] | None = None) -> StudyRunner:
     """The study analysis the node's workers and ``ainode run`` use: the configured models, written
-    as this node (its identity in the result objects' equipment) with the configured result options."""
+    as this node (its identity in the result objects' equipment) with the configured result options.
+
+    ``slice_cache``: the slice cache of a study by its UID (the node's, when ``runtime.stream_inference``);
+    ``ainode run`` has none."""
     from node import __version__
     from node.identity import MANUFACTURER, device_uid
     from pipelines.dicom import Equipment
@@ -58,6 +63,7 @@ def study_runner_from_config(config: Config) -> StudyRunner:
         omit_empty_frames=config.results.omit_empty_seg_frames,
         batch_size=config.runtime.batch_size,
         max_volume_bytes=config.runtime.max_volume_mb * 2**20,
+        slice_cache=slice_cache,
     )
 
 

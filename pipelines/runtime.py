@@ -11,7 +11,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +81,18 @@ class LoadedModel:
     path: Path
     #: Providers the session actually uses, in priority order.
     providers_in_use: tuple[str, ...]
+    #: Inference lanes shared by the models of one registry: at most that many batches run at once, each
+    #: with the session's threads, instead of several sessions each sized for the whole machine contending
+    #: for its cores. None: no limit.
+    lanes: threading.Semaphore | None = field(default=None, compare=False)
 
     def run(self, inputs: np.ndarray) -> list[np.ndarray]:
         """Run the network on one batch shaped as the manifest's input; outputs in manifest order."""
         names = [o.name for o in self.manifest.outputs]
-        return self.session.run(names, {self.manifest.input.name: inputs})
+        if self.lanes is None:
+            return self.session.run(names, {self.manifest.input.name: inputs})
+        with self.lanes:
+            return self.session.run(names, {self.manifest.input.name: inputs})
 
 
 def load_model(
@@ -93,6 +100,7 @@ def load_model(
     providers: Sequence[str] | None = None,
     intra_op_threads: int | None = None,
     inter_op_threads: int | None = None,
+    lanes: threading.Semaphore | None = None,
 ) -> LoadedModel:
     """Validate the manifest, verify the checksum, then create the session.
 
@@ -122,7 +130,7 @@ def load_model(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Pass the bytes we hashed, not the path, so the file cannot change between check and load.
     session = ort.InferenceSession(onnx_path.read_bytes(), sess_options=options, providers=choose_providers(providers))
-    return LoadedModel(manifest, session, model_dir, tuple(session.get_providers()))
+    return LoadedModel(manifest, session, model_dir, tuple(session.get_providers()), lanes)
 
 
 class ModelRegistry:
@@ -138,11 +146,14 @@ class ModelRegistry:
         providers: list[str] | None = None,
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
+        inference_lanes: int | None = None,
     ) -> None:
         self.models_dirs = [Path(models_dir)] if isinstance(models_dir, str | Path) else [Path(d) for d in models_dir]
         self.providers = providers
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
+        #: One semaphore for every model of this registry: they all share the machine's cores.
+        self.lanes = threading.Semaphore(inference_lanes) if inference_lanes else None
         self._lock = threading.Lock()
         self._loaded: dict[str, LoadedModel] = {}
 
@@ -181,6 +192,8 @@ class ModelRegistry:
                     f"no model named {name!r} in {', '.join(map(str, self.models_dirs))} "
                     f"(found: {', '.join(sorted(folders)) or 'none'})"
                 )
-            model = load_model(folders[name][0], self.providers, self.intra_op_threads, self.inter_op_threads)
+            model = load_model(
+                folders[name][0], self.providers, self.intra_op_threads, self.inter_op_threads, self.lanes
+            )
             self._loaded[name] = model
             return model

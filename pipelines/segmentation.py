@@ -22,6 +22,7 @@ from pipelines.outline import trace_outline
 from pipelines.preprocess import resize_slices
 from pipelines.results import ModelIdentity, SegmentationResult, SegmentDefinition, SegmentStatistics
 from pipelines.runtime import LoadedModel
+from pipelines.slicecache import SliceCache, slice_context, slice_keys, slices_independent
 from pipelines.volume import Volume
 
 DEFAULT_BATCH_SIZE = 16
@@ -59,45 +60,110 @@ def _to_image_grid(manifest: ModelManifest, maps: np.ndarray, shape: tuple[int, 
     return out
 
 
+def label_numbers(manifest: ModelManifest) -> np.ndarray:
+    """Label number of each class index of the output (0 = background)."""
+    return np.array([0] + [label.number for label in manifest.outputs[0].labels])
+
+
+def label_dtype(manifest: ModelManifest) -> type[np.unsignedinteger]:
+    """The dtype of the label map: uint8, or uint16 for label numbers above 255."""
+    return np.uint8 if label_numbers(manifest).max() < 256 else np.uint16
+
+
+def infer_slice_batch(
+    model: LoadedModel,
+    chunk: np.ndarray,
+    flips: tuple[bool, bool],
+    spacing_rc: tuple[float, float],
+    clock: _Stopwatch | None = None,
+) -> np.ndarray:
+    """Label rows of a batch of slices (B, rows, cols) in modality units, in the slices' own orientation.
+
+    The rows come in the network's own integer type; stored into a label map of :func:`label_dtype`.
+
+    Each slice's rows depend on that slice, ``flips``, ``spacing_rc`` and the model only (see
+    :func:`pipelines.slicecache.slices_independent` for the one exception), which is what lets slices be
+    analysed as they arrive and batched in any grouping.
+    """
+    clock = clock or _Stopwatch(None)
+    manifest = model.manifest
+    flip_rows, flip_cols = flips
+    rows, cols = chunk.shape[1:]
+    out = manifest.outputs[0]
+    numbers = label_numbers(manifest)
+    if flip_rows:
+        chunk = chunk[:, ::-1]
+    if flip_cols:
+        chunk = chunk[:, :, ::-1]
+    x = model_input(manifest, chunk, spacing_rc)
+    clock.lap("preprocess_s")
+    result = model.run(x)[0]
+    clock.lap("inference_s")
+    if out.kind is OutputKind.LABELMAP:
+        low = result.reshape(result.shape[0], *result.shape[-2:])
+        grid = low if low.shape[1:] == (rows, cols) else _nearest_to_grid(low, (rows, cols))
+    else:
+        # Class index k of the output channel axis is label number k (0 = background).
+        grid = numbers[_to_image_grid(manifest, result.astype(np.float32), (rows, cols), spacing_rc).argmax(1)]
+    if flip_rows:
+        grid = grid[:, ::-1]
+    if flip_cols:
+        grid = grid[:, :, ::-1]
+    return grid
+
+
 def infer_labelmap(
-    model: LoadedModel, volume: Volume, batch_size: int | None = None, timings: dict[str, float] | None = None
+    model: LoadedModel,
+    volume: Volume,
+    batch_size: int | None = None,
+    timings: dict[str, float] | None = None,
+    cache: SliceCache | None = None,
 ) -> np.ndarray:
     """Run the network slice batch by slice batch; returns a uint8/uint16 label map like ``volume.pixels``.
 
     ``timings``, when given, accumulates seconds spent in ``preprocess_s``, ``inference_s`` and
     ``postprocess_s`` (the benchmark's breakdown).
+
+    ``cache``, when given, holds label rows of single slices computed before (while the study arrived):
+    a slice whose key (:func:`pipelines.slicecache.slice_keys`: model, manifest, flips, spacing, size and
+    its own pixel values) is there is not run again; the slices that are not are run in batches and
+    their rows stored. Not used when the model's slices are not independent of each other.
     """
     clock = _Stopwatch(timings)
     manifest = model.manifest
-    flip_rows, flip_cols = standard_flips(volume)
+    flips = standard_flips(volume)
     pixels = volume.pixels
     n, rows, cols = pixels.shape
     spacing_rc = (float(volume.spacing_mm[1]), float(volume.spacing_mm[2]))
-    out = manifest.outputs[0]
-    numbers = np.array([0] + [label.number for label in out.labels])
-    labelmap = np.zeros(pixels.shape, dtype=np.uint8 if numbers.max() < 256 else np.uint16)
+    labelmap = np.zeros(pixels.shape, dtype=label_dtype(manifest))
     batch = batch_size or manifest.batch_size or DEFAULT_BATCH_SIZE
-    for start in range(0, n, batch):
-        chunk = pixels[start : start + batch]
-        if flip_rows:
-            chunk = chunk[:, ::-1]
-        if flip_cols:
-            chunk = chunk[:, :, ::-1]
-        x = model_input(manifest, chunk, spacing_rc)
-        clock.lap("preprocess_s")
-        result = model.run(x)[0]
-        clock.lap("inference_s")
-        if out.kind is OutputKind.LABELMAP:
-            low = result.reshape(result.shape[0], *result.shape[-2:])
-            grid = low if low.shape[1:] == (rows, cols) else _nearest_to_grid(low, (rows, cols))
-        else:
-            # Class index k of the output channel axis is label number k (0 = background).
-            grid = numbers[_to_image_grid(manifest, result.astype(np.float32), (rows, cols), spacing_rc).argmax(1)]
-        if flip_rows:
-            grid = grid[:, ::-1]
-        if flip_cols:
-            grid = grid[:, :, ::-1]
-        labelmap[start : start + len(chunk)] = grid
+    if cache is None or not slices_independent(manifest):
+        for start in range(0, n, batch):
+            labelmap[start : start + batch] = infer_slice_batch(
+                model, pixels[start : start + batch], flips, spacing_rc, clock
+            )
+            clock.lap("postprocess_s")
+        return labelmap
+    keys = slice_keys(slice_context(manifest, flips, spacing_rc, (rows, cols)), pixels)
+
+    def take(index: int) -> bool:
+        found = cache.get(keys[index])
+        if found is None or found.shape != (rows, cols) or found.dtype != labelmap.dtype:
+            return False
+        labelmap[index] = found
+        return True
+
+    # Reading and decompressing entries releases the GIL: one reader per core, each into its own slice.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        missing = [index for index, taken in enumerate(pool.map(take, range(n))) if not taken]
+    clock.lap("preprocess_s")
+    for start in range(0, len(missing), batch):
+        chosen = missing[start : start + batch]
+        # Runs of neighbouring slices are views; scattered slices are gathered (a copy).
+        chunk = pixels[chosen[0] : chosen[-1] + 1] if chosen[-1] - chosen[0] == len(chosen) - 1 else pixels[chosen]
+        labelmap[chosen] = infer_slice_batch(model, chunk, flips, spacing_rc, clock)
+        for index in chosen:
+            cache.put(keys[index], labelmap[index])
         clock.lap("postprocess_s")
     return labelmap
 
@@ -279,9 +345,13 @@ def segment_statistics(volume: Volume, labelmap: np.ndarray, number: int) -> Seg
 
 
 def segment(
-    model: LoadedModel, volume: Volume, batch_size: int | None = None, timings: dict[str, float] | None = None
+    model: LoadedModel,
+    volume: Volume,
+    batch_size: int | None = None,
+    timings: dict[str, float] | None = None,
+    cache: SliceCache | None = None,
 ) -> SegmentationResult:
-    """Segment ``volume`` with a segmentation model.
+    """Segment ``volume`` with a segmentation model (``cache``: label rows of slices analysed before).
 
     Raises
     ------
@@ -296,7 +366,7 @@ def segment(
             NotAnalysedReason.UNKNOWN_PIXEL_SPACING,
             f"model {manifest.name} measures in millimetres; the series has no valid Pixel Spacing",
         )
-    labelmap = infer_labelmap(model, volume, batch_size, timings)
+    labelmap = infer_labelmap(model, volume, batch_size, timings, cache)
     clock = _Stopwatch(timings)
     postprocess(labelmap, manifest, (float(volume.spacing_mm[1]), float(volume.spacing_mm[2])))
     segments = [

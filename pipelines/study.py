@@ -10,7 +10,7 @@ else that goes wrong is an exception, which fails that job alone and leaves the 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pipelines.dicom import Equipment
     from pipelines.results import PipelineResult
     from pipelines.runtime import LoadedModel, ModelRegistry
+    from pipelines.slicecache import SliceCache
     from pipelines.volume import Volume
 
 __all__ = [
@@ -58,6 +59,9 @@ class RunOutcome:
     selection: str | None = None
     #: Output kinds that could not be built, each with its one-line reason; the others are in ``datasets``.
     failed_outputs: dict[str, str] = field(default_factory=dict)
+    #: Slices whose label rows were taken from the slice cache (analysed while the study arrived), of how many;
+    #: None when no slice cache was used.
+    slices_reused: tuple[int, int] | None = None
 
 
 class ResultsNotBuilt(Exception):
@@ -132,6 +136,7 @@ def run_pipeline(
     volume: Volume,
     batch_size: int | None = None,
     headers: Sequence[Dataset] | None = None,
+    slice_cache: SliceCache | None = None,
 ) -> PipelineResult | NotAnalysed:
     """Run ``model`` on ``volume`` with the pipeline of its manifest's task, and return its plain result.
 
@@ -143,6 +148,8 @@ def run_pipeline(
     here, once, before any pipeline runs: ``headers`` are the source datasets of ``volume`` (the chosen
     series' instances), which the body part, view position and photometric interpretation bounds read;
     without them only the volume's own bounds (modality, geometry, input profile) are checked.
+
+    ``slice_cache``: label rows of slices analysed before (segmentation; see :mod:`pipelines.streaming`).
     """
     from pipelines.classification import classify
     from pipelines.domain import check_domain
@@ -153,7 +160,7 @@ def run_pipeline(
     try:
         check_domain(model.manifest, volume, headers)
         if task is Task.SEGMENTATION:
-            return segment(model, volume, batch_size)
+            return segment(model, volume, batch_size, cache=slice_cache)
         if task is Task.CLASSIFICATION:
             return classify(model, volume)
         if task is Task.SVM:
@@ -176,6 +183,9 @@ class OnnxStudyRunner:
         Leave DICOM-SEG frames without any segment pixel out (config ``results.omit_empty_seg_frames``).
     batch_size
         Slices per inference call for every model (config ``runtime.batch_size``); None: each manifest's own.
+    slice_cache
+        The slice cache of a study, by Study Instance UID: label rows computed while it arrived
+        (config ``runtime.stream_inference``); None: every slice is analysed when the study is complete.
     """
 
     def __init__(
@@ -186,8 +196,10 @@ class OnnxStudyRunner:
         omit_empty_frames: bool = False,
         batch_size: int | None = None,
         max_volume_bytes: int | None = None,
+        slice_cache: Callable[[str], SliceCache] | None = None,
     ) -> None:
         self.max_volume_bytes = max_volume_bytes
+        self.slice_cache = slice_cache
         self.registry = registry
         self.equipment = equipment
         self.omit_empty_frames = omit_empty_frames
@@ -257,13 +269,29 @@ class OnnxStudyRunner:
         for ds in datasets:
             # The volume holds the pixels now; the writers need headers only (SC renders from the volume).
             ds.pop(0x7FE00010, None)
+        cache = None
+        if self.slice_cache is not None:
+            from pipelines.slicecache import CountingCache
+            from pipelines.streaming import streams
+
+            if streams(model):
+                cache = CountingCache(self.slice_cache(volume.study_instance_uid))
         t0 = time.monotonic()
-        result = run_pipeline(model, volume, batch_size=self.batch_size, headers=datasets)
+        result = run_pipeline(model, volume, batch_size=self.batch_size, headers=datasets, slice_cache=cache)
         model_s = time.monotonic() - t0
+        reused = None
+        if cache is not None and (cache.reused or cache.computed):
+            reused = (cache.reused, cache.reused + cache.computed)
         if isinstance(result, NotAnalysed):
             return RunOutcome(not_analysed=str(result), model_s=model_s, selection=selection)
         written = write_each(result, datasets, self.equipment, wanted, omit_empty_frames=self.omit_empty_frames)
         failed = {kind.value: _one_line(exc) for kind, exc in written.failed.items()}
         if not written.datasets and failed:
             raise ResultsNotBuilt("; ".join(f"{kind} not built: {why}" for kind, why in failed.items()))
-        return RunOutcome(datasets=written.datasets, model_s=model_s, selection=selection, failed_outputs=failed)
+        return RunOutcome(
+            datasets=written.datasets,
+            model_s=model_s,
+            selection=selection,
+            failed_outputs=failed,
+            slices_reused=reused,
+        )

@@ -24,6 +24,8 @@ from pydicom.filewriter import write_file_meta_info
 _UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 
 RESULTS_DIR = "_results"
+#: Label rows of slices analysed while their study arrived (``node/work/slicestore.py``), by study.
+INFERENCE_DIR = "_inference"
 TMP_SUFFIX = ".part"
 
 
@@ -159,6 +161,7 @@ class Spool:
     def remove_study(self, study_uid: str) -> None:
         if valid_uid(study_uid):
             shutil.rmtree(self.root / study_uid, ignore_errors=True)
+            shutil.rmtree(self.root / INFERENCE_DIR / study_uid, ignore_errors=True)
             self._known_dirs = {d for d in self._known_dirs if d.parent.parent.name != study_uid}
 
     def iter_instance_files(self) -> Iterator[str]:

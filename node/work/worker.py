@@ -134,6 +134,10 @@ class Worker:
             with self.sessions() as session, session.begin():
                 session.add(AuditEvent(kind="selection", actor=self.worker_id, subject=str(job.id),
                                        detail=outcome.selection))  # fmt: skip
+        if outcome.slices_reused is not None:
+            reused, total = outcome.slices_reused
+            log.info("job %d study %s: %d of %d slices analysed while the study arrived", job.id, study_uid, reused,
+                     total)  # fmt: skip
         if outcome.not_analysed is not None:
             log.info("job %d study %s not analysed: %s", job.id, study_uid, outcome.not_analysed)
             self._finish(
@@ -315,6 +319,11 @@ class WorkerPool:
             Loop(f"worker-{w.worker_id}", w.run_once, 1.0, again_while_busy=True, log=log) for w in workers
         ]
         self._loops = [*self._worker_loops, Loop("job-heartbeat", self._heartbeat, heartbeat_s, log=log)]
+
+    @property
+    def idle(self) -> bool:
+        """No worker of this pool runs a job now (work that must never delay a job may use the machine)."""
+        return all(w.current_job is None for w in self.workers)
 
     def wake(self) -> None:
         """New jobs are queued: idle workers look now."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from pipelines.dicom.air import Equipment, add_air_attributes, algorithm_identification, series_description
 from pipelines.dicom.colours import segment_cielab
@@ -95,7 +96,20 @@ def make_segmentation(
         content_description=f"{result.model.name} {result.model.version}"[:64],
     )
     add_air_attributes(seg, equipment, result.model)
+    _fix_dimension_organization_uid(seg, sop_instance_uid)
     return seg
+
+
+def _fix_dimension_organization_uid(seg: Dataset, sop_instance_uid: str) -> None:
+    """Derive the Dimension Organization UID from the SEG's own UID (highdicom makes a random one).
+
+    The same result made again (a re-run, or a study analysed while it arrived) is then the same object in
+    every attribute but its creation date and time, as its SOP Instance UID already says (invariant 3).
+    """
+    uid = generate_uid(entropy_srcs=["dicom-ai-node dimension organization", sop_instance_uid])
+    for item in (*seg.get("DimensionOrganizationSequence", []), *seg.get("DimensionIndexSequence", [])):
+        if "DimensionOrganizationUID" in item:
+            item.DimensionOrganizationUID = uid
 
 
 def _task_word(result: SegmentationResult) -> str:

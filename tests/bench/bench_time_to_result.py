@@ -1,6 +1,6 @@
 """Benchmark (issue 4): time to result, from storescu's last instance to SEG and SR stored in Orthanc.
 
-    python3 tests/bench/bench_time_to_result.py [--slices 300] [--stable-after 2] [--rounds 2]
+    python3 tests/bench/bench_time_to_result.py [--slices 300] [--stable-after 2] [--rounds 2] [--stream on|off]
 
 A 300-slice 512 x 512 CT (made from the real TCIA A0002 CT, CC BY 4.0, as in bench_ingest.py) is
 sent by DCMTK storescu to ``ainode serve`` (lung-seg route, results to a real Orthanc; after a 30-slice
@@ -14,7 +14,9 @@ listed by Orthanc is split into
 - the rest: everything else — job pickup, reading the series from the spool, series selection,
   writing SEG/SR, the outbox and the C-STOREs to Orthanc. Target: under 3 s.
 
-Prints times; asserts nothing (these machines are noisy).
+``--stream off`` turns ``runtime.stream_inference`` off: the model then starts only when the study is
+complete (on: slices are analysed while they arrive, and the model time left is that of the slices it
+did not reach). Prints times; asserts nothing (these machines are noisy).
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ def db_times(db: Path, study_uid: str) -> dict[str, float]:
     }
 
 
-def one_run(work: Path, orthanc: OrthancServer, slices: int, stable_after_s: float, on_release: bool) -> dict:
+def one_run(
+    work: Path, orthanc: OrthancServer, slices: int, stable_after_s: float, on_release: bool, stream: bool = True
+) -> dict:
     study = make_study(work / "study", slices)
     study_uid = pydicom.dcmread(next(study.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
     port = free_port()
@@ -113,6 +117,7 @@ def one_run(work: Path, orthanc: OrthancServer, slices: int, stable_after_s: flo
                 "stable_after_s": stable_after_s,
             }
         ],  # fmt: skip
+        "runtime": {"stream_inference": stream},
     }
     with NodeProcess(config, work / "node", cli=True) as node:
         # A node in service has processed studies before: one small study first, so that one-time costs
@@ -161,13 +166,14 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--stable-after", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--stream", choices=("on", "off"), default="on", help="runtime.stream_inference")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ttr-") as tmp, OrthancServer(Path(tmp) / "orthanc") as orthanc:
         for r in range(args.rounds):
             for on_release in (False, True):
                 work = Path(tmp) / f"r{r}-{int(on_release)}"
-                rows.append(one_run(work, orthanc, args.slices, args.stable_after, on_release))
+                rows.append(one_run(work, orthanc, args.slices, args.stable_after, on_release, args.stream == "on"))
                 orthanc.clear()
                 row = rows[-1]
                 print(
@@ -179,7 +185,8 @@ def main() -> None:
     best = min(rows, key=lambda x: x["rest"])
     worst = max(rows, key=lambda x: x["rest"])
     print(
-        f"\n{args.slices}-slice CT, lung-seg, SEG+SR to Orthanc: the rest (not stability, not model) "
+        f"\n{args.slices}-slice CT, lung-seg, stream_inference {args.stream}, SEG+SR to Orthanc:"
+        " the rest (not stability, not model) "
         f"{best['rest']:.2f}-{worst['rest']:.2f} s (target < 3 s); model {min(r['model'] for r in rows):.2f}-"
         f"{max(r['model'] for r in rows):.2f} s"
     )

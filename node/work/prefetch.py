@@ -1,0 +1,208 @@
+"""Analyse slices while their study arrives, so that a complete study has only its whole-volume steps left.
+
+A loop of the worker process (roles all and worker), never the C-STORE handler: a C-STORE success
+still means fsync and commit only. Every pass it looks for instances of open studies (receiving, or
+queued) whose series is routed to a model that labels slices one by one (a 2D segmentation), reads
+each as the job will, runs the model on small batches and keeps the label rows in the spool's slice
+cache (:mod:`node.work.slicestore`). The job then takes them by a key made of the model, the geometry
+and the slice's own pixel values (:mod:`pipelines.slicecache`), so that streaming never changes a result.
+
+It yields to real work: a pass runs only while this process's workers are idle, and checks again
+before each batch, so a job that arrives waits at most one batch. What it does not manage (a
+failure, a slice it skipped, a job that came first) the job computes itself; its errors are logged at
+DEBUG and fail nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Instance, Series, Study, StudyState, utcnow
+from node.receive.spool import Spool
+from node.work.slicestore import SliceStore
+
+if TYPE_CHECKING:
+    from pipelines.runtime import LoadedModel
+    from pipelines.streaming import StoredSlice
+
+log = logging.getLogger("ainode.prefetch")
+
+#: Studies whose slices are analysed ahead, and whose slice caches are kept.
+OPEN_STATES = (StudyState.RECEIVING, StudyState.QUEUED)
+#: Slices read and analysed in one pass at most (a pass also ends as soon as a worker takes a job).
+MAX_SLICES_PER_PASS = 32
+#: Slices per inference call: small, so that a job that arrives waits for one short batch at most.
+BATCH_SLICES = 4
+#: A slice cache entry older than this goes whatever its study's state (a study that is never completed).
+MAX_AGE = timedelta(days=1)
+#: How often entries are checked for their age.
+AGE_CHECK_EVERY = timedelta(minutes=10)
+
+
+class Prefetcher:
+    """One pass (:meth:`step`) of analysing stored slices ahead of their job.
+
+    Parameters
+    ----------
+    sessions, spool
+        The node's database and spool.
+    store
+        The slice cache the jobs read (the node's :class:`~pipelines.study.OnnxStudyRunner` is given the same).
+    model
+        The loaded model of a pipeline name (the runner's registry: the sessions the workers use).
+    routes
+        Pipeline of each route name.
+    idle
+        True while no worker of this process runs a job.
+    """
+
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        spool: Spool,
+        store: SliceStore,
+        model: Callable[[str], LoadedModel],
+        routes: Mapping[str, str],
+        idle: Callable[[], bool],
+        max_slices_per_pass: int = MAX_SLICES_PER_PASS,
+        batch_slices: int = BATCH_SLICES,
+    ) -> None:
+        self.sessions = sessions
+        self.spool = spool
+        self.store = store
+        self.model = model
+        self.routes = dict(routes)
+        self.idle = idle
+        self.max_slices_per_pass = max_slices_per_pass
+        self.batch_slices = batch_slices
+        #: Whether each pipeline's model labels slices one by one (None: it could not be loaded).
+        self._streams: dict[str, bool] = {}
+        #: Instances read already (by row id), with the time they were stored then: a replaced one is read again.
+        self._seen: dict[int, datetime] = {}
+        self._age_checked: datetime | None = None
+        #: Slices analysed ahead since the start (for the log and the tests).
+        self.slices_analysed = 0
+
+    # -- the loop's step ---------------------------------------------------------------------
+    def step(self, now: datetime | None = None) -> bool:
+        """Clean up, then analyse up to ``max_slices_per_pass`` new slices; True when it read any.
+
+        Nothing here may fail anything: an error (the database busy, a file gone) is logged at DEBUG and the
+        pass ends; the jobs compute what is missing.
+        """
+        try:
+            return self._step(now or utcnow())
+        except Exception as exc:
+            log.debug("analysis ahead paused: %s: %s", type(exc).__name__, exc)
+            return False
+
+    def _step(self, now: datetime) -> bool:
+        self.clean_up(now)
+        if not self.idle():
+            return False
+        routes = [name for name, pipeline in self.routes.items() if self._pipeline_streams(pipeline)]
+        if not routes:
+            return False
+        todo = self._new_instances(routes)
+        if not todo:
+            return False
+        self._analyse(todo)
+        return True  # there may be more: the loop steps again at once (a waiting job ends that at the next check)
+
+    def clean_up(self, now: datetime) -> None:
+        """Remove the slice caches of studies no longer open, and, every few minutes, entries a day old."""
+        cached = self.store.studies()
+        if cached:
+            with self.sessions() as session:
+                open_uids = set(
+                    session.execute(
+                        select(Study.study_instance_uid).where(
+                            Study.study_instance_uid.in_(cached), Study.state.in_(OPEN_STATES)
+                        )
+                    ).scalars()
+                )
+            for uid in self.store.remove_finished(open_uids):
+                log.debug("slice cache of study %s removed: the study is no longer open", uid)
+        if self._age_checked is None or now - self._age_checked >= AGE_CHECK_EVERY:
+            self._age_checked = now
+            removed = self.store.remove_older_than(now - MAX_AGE)
+            if removed:
+                log.info("slice cache: %d entries older than %s removed", removed, MAX_AGE)
+
+    # -- the parts ---------------------------------------------------------------------------
+    def _pipeline_streams(self, pipeline: str) -> bool:
+        if pipeline not in self._streams:
+            from pipelines.streaming import streams
+
+            try:
+                self._streams[pipeline] = streams(self.model(pipeline))
+            except Exception as exc:  # the job reports a model that cannot be loaded, with its reason
+                log.debug("pipeline %s: no analysis ahead: %s", pipeline, exc)
+                self._streams[pipeline] = False
+        return self._streams[pipeline]
+
+    def _new_instances(self, routes: list[str]) -> list[tuple[int, datetime, str, str, str]]:
+        """(instance id, received at, path, pipeline, Study Instance UID) of instances not read yet, oldest first."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Instance.id, Instance.received_at, Instance.path, Series.route, Study.study_instance_uid)
+                .join(Series, Instance.series_id == Series.id)
+                .join(Study, Series.study_id == Study.id)
+                .where(Study.state.in_(OPEN_STATES), Series.route.in_(routes))
+                .order_by(Instance.id)
+            ).all()
+        # Forget instances of studies that are no longer open: memory stays bounded by the open studies.
+        self._seen = {row.id: self._seen[row.id] for row in rows if row.id in self._seen}
+        todo = []
+        for row in rows:
+            if self._seen.get(row.id) != row.received_at:
+                todo.append((row.id, row.received_at, row.path, self.routes[row.route], row.study_instance_uid))
+                if len(todo) >= self.max_slices_per_pass:
+                    break
+        return todo
+
+    def _analyse(self, todo: list[tuple[int, datetime, str, str, str]]) -> int:
+        from pipelines.streaming import infer_slices, read_stored_slice
+
+        pending: dict[tuple[str, str], list[tuple[int, datetime, StoredSlice]]] = {}
+        for instance_id, received_at, relpath, pipeline, study_uid in todo:
+            if not self.idle():  # a job took the machine: the rest waits for the next idle pass
+                break
+            try:
+                stored = read_stored_slice(self.model(pipeline), self.spool.abspath(relpath))
+            except Exception as exc:  # the job reads it again and says what is wrong, if anything
+                log.debug("slice %s not analysed ahead: %s: %s", relpath, type(exc).__name__, exc)
+                stored = None
+            if stored is None or stored.key in self.store.study(study_uid):
+                self._seen[instance_id] = received_at
+            else:
+                pending.setdefault((pipeline, study_uid), []).append((instance_id, received_at, stored))
+        analysed = 0
+        for (pipeline, study_uid), slices in pending.items():
+            failed = False
+            try:
+                done = set(
+                    infer_slices(
+                        self.model(pipeline),
+                        [s for _, _, s in slices],
+                        self.store.study(study_uid),
+                        self.batch_slices,
+                        go_on=self.idle,
+                    )
+                )
+            except Exception as exc:  # the job runs the model itself, and fails with the reason if it must
+                log.debug("slices of study %s not analysed ahead: %s: %s", study_uid, type(exc).__name__, exc)
+                done, failed = set(), True  # not tried again: the job computes them
+            for instance_id, received_at, stored in slices:
+                if failed or stored.key in done:
+                    self._seen[instance_id] = received_at
+            analysed += len(done)
+        self.slices_analysed += analysed
+        return analysed

@@ -1,0 +1,413 @@
+"""Slices analysed while the study arrives give the results the whole study gives (issue 15, goal 2).
+
+The real lung-seg model on the real CT (TCIA Lung-PET-CT-Dx A0002: two series of 30 slices, the
+pipeline takes the softer B40f). A study analysed with slice rows taken from the slice cache must give
+the SEG and SR it gives without: same pixels and frame order, same measured values, same UIDs. And the
+cache must never hand out rows that do not belong: slices arriving out of order, a duplicate with other
+pixels, a series the pipeline does not choose, a new version of the study, a study never completed.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import random
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import Dataset
+
+from db.models import StudyState
+from node.config import Config
+from node.models import study_runner_from_config
+from node.receive.ingest import ReceivedInstance
+from node.receive.spool import INFERENCE_DIR, Spool
+from node.work.prefetch import MAX_AGE, Prefetcher
+from node.work.slicestore import SliceStore
+from pipelines.segmentation import infer_labelmap
+from pipelines.slicecache import CountingCache
+from pipelines.streaming import prefetch_slices, streams
+from pipelines.study import OnnxStudyRunner, RunOutcome
+from pipelines.volume import load_volume
+from tests.support.node_parts import PACS, Clock, build_node, make_config
+from tests.support.nodeproc import NodeProcess, node_section
+from tests.support.peers import StoreSCP, storescu
+from tests.support.runners import onnx_study_runner
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+CHOSEN, OTHER = "series-3-B40f", "series-2-B70f"
+OUTPUTS = {"seg", "sr"}
+
+
+class DictCache:
+    """A slice cache in memory, for the pipeline-level tests."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, np.ndarray] = {}
+
+    def get(self, key: str) -> np.ndarray | None:
+        return self.rows.get(key)
+
+    def put(self, key: str, rows: np.ndarray) -> None:
+        self.rows[key] = rows.copy()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.rows
+
+
+@pytest.fixture(scope="module")
+def batch_runner() -> OnnxStudyRunner:
+    runner = onnx_study_runner()
+    assert isinstance(runner, OnnxStudyRunner)
+    return runner
+
+
+@pytest.fixture(scope="module")
+def model(batch_runner: OnnxStudyRunner):
+    return batch_runner.registry.get("lung-seg")
+
+
+@pytest.fixture(scope="module")
+def study_files(ct_dir: Path) -> dict[str, list[Path]]:
+    return {
+        str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID): files
+        for files in (sorted((ct_dir / name).glob("*.dcm")) for name in (OTHER, CHOSEN))
+    }
+
+
+@pytest.fixture(scope="module")
+def batch_outcome(batch_runner: OnnxStudyRunner, study_files: dict[str, list[Path]]) -> RunOutcome:
+    """The study analysed as a whole, without any slice cache: the reference."""
+    outcome = batch_runner.run("lung-seg", study_files, OUTPUTS)
+    assert outcome.slices_reused is None and len(outcome.datasets) == 2
+    return outcome
+
+
+def with_cache(batch_runner: OnnxStudyRunner, cache) -> OnnxStudyRunner:
+    return OnnxStudyRunner(batch_runner.registry, batch_runner.equipment, slice_cache=lambda _study_uid: cache)
+
+
+def _as_stored(ds: Dataset) -> Dataset:
+    """``ds`` written to a file and read back, as a PACS keeps it (writing settles ambiguous VRs such as OB/OW)."""
+    buffer = io.BytesIO()
+    copy.deepcopy(ds).save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return pydicom.dcmread(buffer)
+
+
+def _without_times(ds: Dataset) -> dict:
+    """Every attribute at every level (DICOM JSON, pixel data inline) but dates and times (when it was made)."""
+
+    def strip(d: dict) -> dict:
+        out = {}
+        for tag, element in d.items():
+            if element["vr"] in ("DA", "TM", "DT"):
+                continue
+            if element["vr"] == "SQ":
+                element = {**element, "Value": [strip(item) for item in element.get("Value", [])]}
+            out[tag] = element
+        return out
+
+    return strip(ds.to_json_dict(bulk_data_threshold=2**62))
+
+
+def _measurements(ds: Dataset) -> Iterator[tuple[str, str]]:
+    for item in ds.get("ContentSequence", []):
+        for value in item.get("MeasuredValueSequence", []):
+            yield str(item.ConceptNameCodeSequence[0].CodeMeaning), str(value.NumericValue)
+        yield from _measurements(item)
+
+
+def assert_same_results(streamed: RunOutcome, batch: RunOutcome) -> None:
+    """Same objects: SEG pixels and frames, SR values, every UID; only the creation times may differ."""
+    assert [str(ds.Modality) for ds in streamed.datasets] == [str(ds.Modality) for ds in batch.datasets]
+    for ours, theirs in zip(streamed.datasets, batch.datasets, strict=True):
+        uids = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+        assert [ours.get(k) for k in uids] == [theirs.get(k) for k in uids]
+        if ours.Modality == "SEG":
+            assert np.array_equal(ours.pixel_array, theirs.pixel_array)
+            frames = [
+                (f.SegmentIdentificationSequence[0].ReferencedSegmentNumber,
+                 f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                for f in ours.PerFrameFunctionalGroupsSequence
+            ]  # fmt: skip
+            assert frames == [
+                (f.SegmentIdentificationSequence[0].ReferencedSegmentNumber,
+                 f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                for f in theirs.PerFrameFunctionalGroupsSequence
+            ]  # fmt: skip
+        else:
+            values = list(_measurements(ours))
+            assert values and values == list(_measurements(theirs))
+        assert _without_times(_as_stored(ours)) == _without_times(_as_stored(theirs))
+
+
+def _datasets(paths: list[Path]) -> list[Dataset]:
+    return [pydicom.dcmread(p) for p in paths]
+
+
+# -- the pipeline: the same results with rows computed ahead ------------------------------------------------
+def test_study_analysed_from_slices_computed_as_they_arrived_gives_the_batch_results(
+    batch_runner, model, study_files, batch_outcome, tmp_path
+):
+    # Empty cache: every slice computed by the job, stored, and the results unchanged.
+    empty = DictCache()
+    first = with_cache(batch_runner, empty).run("lung-seg", study_files, OUTPUTS)
+    assert first.slices_reused == (0, 30)
+    assert len(empty.rows) == 30
+    assert_same_results(first, batch_outcome)
+
+    # Filled as a sender delivers: one instance at a time, in a shuffled order, both series, by the
+    # prefetch code path, into the spool's file store (compressed rows, the node's format).
+    cache = SliceStore(Spool(tmp_path / "spool")).study("1.2.3")
+    arrival = [f for files in study_files.values() for f in files]
+    random.Random(15).shuffle(arrival)
+    computed = sum(prefetch_slices(model, [path], cache) for path in arrival)
+    assert computed == 60
+    streamed = with_cache(batch_runner, cache).run("lung-seg", study_files, OUTPUTS)
+    assert streamed.slices_reused == (30, 30)  # every slice of the chosen series taken from the cache
+    assert_same_results(streamed, batch_outcome)
+    # The B70f series was analysed too (it is routed), but its rows fit no slice of the chosen series.
+    assert len(list((tmp_path / "spool" / INFERENCE_DIR / "1.2.3").glob("*.rows"))) == 60
+
+
+def _chosen(study_files: dict[str, list[Path]]) -> list[Path]:
+    return next(files for files in study_files.values() if files[0].parent.name == CHOSEN)
+
+
+def _with_other_pixels(ds: Dataset, delta: int | None) -> Dataset:
+    """``ds`` with ``delta`` added to its stored values (kept within Bits Stored); None: all air (its minimum)."""
+    bits, signed = int(ds.BitsStored), int(ds.PixelRepresentation) == 1
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    stored = ds.pixel_array
+    changed = np.full_like(stored, stored.min()) if delta is None else (stored.astype(np.int32) + delta).clip(low, high)
+    ds.PixelData = changed.astype(stored.dtype).tobytes()
+    return ds
+
+
+def _volume(files: list[Path], change: dict[int, int | None] | None = None):
+    """The chosen series' volume; ``change`` adds a constant to the pixels of some files (by index)."""
+    datasets = [pydicom.dcmread(p) for p in files]
+    for index, delta in (change or {}).items():
+        _with_other_pixels(datasets[index], delta)
+    return load_volume(datasets)
+
+
+def test_slices_out_of_order_and_a_new_version_reuse_only_the_rows_of_their_own_pixels(model, study_files):
+    files = _chosen(study_files)
+    volume = _volume(files)
+    reference = infer_labelmap(model, volume)
+
+    # Version 1: 20 of the 30 slices arrived (every third one missing, out of order); then the late ones.
+    cache = DictCache()
+    early = [p for i, p in enumerate(files) if i % 3]
+    random.Random(3).shuffle(early)
+    assert prefetch_slices(model, early, cache) == 20
+    counting = CountingCache(cache)
+    assert np.array_equal(infer_labelmap(model, volume, cache=counting), reference)
+    assert (counting.reused, counting.computed) == (20, 10)
+    # The job stored what it computed: a new version of the same slices takes all of them.
+    again = CountingCache(cache)
+    assert np.array_equal(infer_labelmap(model, volume, cache=again), reference)
+    assert (again.reused, again.computed) == (30, 0)
+
+    # Another batch size in the job does not matter either.
+    other_batch = CountingCache(DictCache())
+    assert np.array_equal(infer_labelmap(model, volume, batch_size=7, cache=other_batch), reference)
+
+
+def test_a_duplicate_with_other_pixels_never_takes_the_rows_of_the_first(model, study_files):
+    files = _chosen(study_files)
+    cache = DictCache()
+    assert prefetch_slices(model, files, cache) == 30
+    # Slices 10 and 20 sent again under their UIDs with other pixels (duplicates: replace).
+    changed = _volume(files, {10: 300, 15: None})
+    counting = CountingCache(cache)
+    labels = infer_labelmap(model, changed, cache=counting)
+    assert (counting.reused, counting.computed) == (28, 2)
+    assert np.array_equal(labels, infer_labelmap(model, changed))
+    # Decisive: the stale rows would have given other labels.
+    assert not np.array_equal(labels, infer_labelmap(model, _volume(files)))
+
+
+# -- the node: prefetch loop, job, clean-up ---------------------------------------------------------------
+def _lung_node(tmp_path: Path, clock: Clock, **node: object):
+    config = make_config(
+        tmp_path,
+        node={"duplicates": "replace", **node},
+        peers={"pacs": {**PACS, "outputs": ["seg", "sr"]}},
+        routes=[{"name": "ct", "match": {"Modality": "CT"}, "pipeline": "lung-seg", "destinations": ["pacs"],
+                 "stable_after_s": 5}],
+    )  # fmt: skip
+    return build_node(tmp_path, clock, config)
+
+
+def test_node_analyses_slices_ahead_uses_them_for_the_job_and_removes_them_when_processed(
+    tmp_path, batch_runner, batch_outcome, study_files
+):
+    clock = Clock()
+    node = _lung_node(tmp_path, clock)
+    store = SliceStore(node.spool)
+    idle = [True]
+    prefetcher = Prefetcher(sessions=node.sessions, spool=node.spool, store=store, model=batch_runner.registry.get,
+                            routes={"ct": "lung-seg"}, idle=lambda: idle[0])  # fmt: skip
+    datasets = [pydicom.dcmread(p) for files in study_files.values() for p in files]
+    random.Random(7).shuffle(datasets)
+    # A slice of the chosen series with lung in it is among the first to arrive (it is replaced later).
+    target = str(pydicom.dcmread(_chosen(study_files)[15], stop_before_pixels=True).SOPInstanceUID)
+    datasets.sort(key=lambda ds: ds.SOPInstanceUID != target)
+    study_uid = str(datasets[0].StudyInstanceUID)
+
+    # The first half arrives; the assembler routes the series (the study stays receiving).
+    node.receive(datasets[:30])
+    assert node.assembler.tick(now=clock.advance(1)) == []
+    idle[0] = False  # a worker runs a job: nothing is analysed ahead
+    assert prefetcher.step(clock.now) is False and not store.studies()
+    idle[0] = True
+    while prefetcher.step(clock.now):
+        pass
+    assert prefetcher.slices_analysed == 30
+    # One slice is sent again with other pixels: it is read again, its stale rows stay unused.
+    replaced = _with_other_pixels(copy.deepcopy(datasets[0]), None)
+    inst = ReceivedInstance.from_header(replaced)
+    relpath = Spool.instance_relpath(inst.study_instance_uid, inst.series_instance_uid, inst.sop_instance_uid)
+    size = node.spool.write_dataset(relpath, replaced)
+    node.index.record(inst, relpath=relpath, size_bytes=size, calling_ae="CT1", calling_host="127.0.0.1",
+                      association_id=None, now=clock.advance(1), replaced=True)  # fmt: skip
+    # The rest arrives.
+    node.receive(datasets[30:])
+    node.assembler.tick(now=clock.advance(1))
+    while prefetcher.step(clock.now):
+        pass
+    assert prefetcher.slices_analysed == 61  # 60 slices, and the replaced one again
+    assert store.studies() == [study_uid]
+
+    # Complete: the job takes every slice of the chosen series from the cache.
+    assert node.assembler.tick(now=clock.advance(10))
+    runner = OnnxStudyRunner(batch_runner.registry, batch_runner.equipment, slice_cache=store.study)
+    outcomes: list[RunOutcome] = []
+
+    class Recording:
+        def run(self, pipeline, series_files, outputs):
+            outcomes.append(runner.run(pipeline, series_files, outputs))
+            return outcomes[-1]
+
+    assert node.worker(runner=Recording()).run_once()
+    (outcome,) = outcomes
+    assert outcome.slices_reused == (30, 30)
+    # The replaced slice changes the result: the reference is the batch path on what the spool holds now.
+    spooled: dict[str, list[Path]] = {}
+    for instance in node.instances():
+        spooled.setdefault(instance.path.split("/")[1], []).append(node.spool.abspath(instance.path))
+    reference = batch_runner.run("lung-seg", spooled, OUTPUTS)
+    assert_same_results(outcome, reference)
+    assert not np.array_equal(reference.datasets[0].pixel_array, batch_outcome.datasets[0].pixel_array)
+
+    # Processed: the study's cache (the unused B70f rows and the stale ones with it) goes at the next pass.
+    assert node.study(study_uid).state == StudyState.PROCESSED
+    prefetcher.step(clock.advance(1))
+    assert store.studies() == []
+    assert not (node.spool.root / INFERENCE_DIR / study_uid).exists()
+
+
+def test_the_cache_of_a_study_never_completed_is_removed_after_a_day(tmp_path, batch_runner, study_files):
+    clock = Clock()
+    node = _lung_node(tmp_path, clock)
+    store = SliceStore(node.spool)
+    prefetcher = Prefetcher(sessions=node.sessions, spool=node.spool, store=store, model=batch_runner.registry.get,
+                            routes={"ct": "lung-seg"}, idle=lambda: True, max_slices_per_pass=4)  # fmt: skip
+    files = next(iter(study_files.values()))[:4]
+    node.receive([pydicom.dcmread(p) for p in files])
+    node.assembler.tick(now=clock.advance(1))
+    assert prefetcher.step(clock.now)
+    (study_uid,) = store.studies()
+    assert len(list((store.root / study_uid).iterdir())) == 4
+    # Still receiving (the sender stopped half-way): kept while young ...
+    assert node.study(study_uid).state == StudyState.RECEIVING
+    prefetcher.step(clock.advance(600))
+    assert store.studies() == [study_uid]
+    # ... removed once older than a day (the clean-up's clock is injected; the files' times are real).
+    prefetcher.step(clock.advance(MAX_AGE.total_seconds() + timedelta(minutes=11).total_seconds()))
+    assert store.studies() == []
+
+
+def test_retention_of_a_study_removes_its_slice_cache(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    cache = SliceStore(spool).study("1.2.3.4")
+    cache.put("ab" * 24, np.zeros((4, 4), np.uint8))
+    assert "ab" * 24 in cache
+    spool.remove_study("1.2.3.4")
+    assert "ab" * 24 not in cache and cache.get("ab" * 24) is None
+
+
+def test_a_torn_cache_file_is_a_miss(tmp_path):
+    cache = SliceStore(Spool(tmp_path / "spool")).study("1.2.3.4")
+    rows = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    cache.put("cd" * 24, rows)
+    assert np.array_equal(cache.get("cd" * 24), rows)
+    path = tmp_path / "spool" / INFERENCE_DIR / "1.2.3.4" / f"{'cd' * 24}.rows"
+    path.write_bytes(path.read_bytes()[:-3])
+    assert cache.get("cd" * 24) is None
+    # Keys are hex digests: nothing else becomes a path.
+    assert cache.get("../../etc") is None
+    with pytest.raises(ValueError):
+        cache.put("../../etc/passwd", rows)
+
+
+def test_config_turns_streaming_off(tmp_path):
+    config = make_config(tmp_path, runtime={"stream_inference": False})
+    assert config.runtime.stream_inference is False
+    assert make_config(tmp_path).runtime.stream_inference is True
+
+
+# -- end to end: a real node, DCMTK storescu as the scanner, DCMTK storescp as the PACS -----------------------
+@pytest.mark.dcmtk
+def test_node_analyses_the_real_ct_while_it_arrives_and_sends_the_batch_results(tmp_path, ct_dir):
+    pacs = StoreSCP(tmp_path / "pacs")
+    config = {
+        "node": node_section(tmp_path),
+        "peers": {"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port, "outputs": ["seg", "sr"]}},
+        "routes": [{"name": "ct-lungs", "match": {"Modality": "CT"}, "pipeline": "lung-seg",
+                    "destinations": ["pacs"], "stable_after_s": 4}],
+        "delivery": {"initial_delay_s": 0.5, "factor": 2, "max_delay_s": 2},
+    }  # fmt: skip
+    try:
+        with NodeProcess(config, tmp_path / "n", cli=True) as node:
+            assert storescu(ct_dir, node.port, calling_ae="CTSCANNER").returncode == 0
+            wait_for(lambda: len(pacs.received()) >= 2, timeout_s=240, what="SEG and SR at the PACS", node=node)
+            log = node.log_text()
+    finally:
+        pacs.stop()
+    # The job says how many slices it took from the slice cache: how many is up to the machine's pace, the
+    # results are not.
+    reused = re.search(r"job \d+ study [0-9.]+: (\d+) of (\d+) slices analysed while the study arrived", log)
+    assert reused is not None, log[-3000:]
+    assert int(reused[2]) == 30 and 0 <= int(reused[1]) <= 30
+
+    received = sorted(_datasets(pacs.received()), key=lambda ds: str(ds.Modality))
+    series: dict[str, list[Path]] = {}
+    for path in sorted(ct_dir.rglob("*.dcm")):
+        series.setdefault(str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID), []).append(path)
+    # The batch path of the same node (same equipment, device UID and software version), without a cache.
+    batch = study_runner_from_config(Config.model_validate(config)).run("lung-seg", series, OUTPUTS)
+    batch.datasets.sort(key=lambda ds: str(ds.Modality))
+    assert_same_results(RunOutcome(datasets=received), batch)
+
+
+def test_only_per_slice_segmentation_on_the_cpu_is_analysed_ahead(batch_runner, model):
+    from dataclasses import replace
+
+    assert streams(model)
+    assert not streams(batch_runner.registry.get("chest-xray"))  # one image, classified whole
+    assert not streams(replace(model, providers_in_use=("CUDAExecutionProvider", "CPUExecutionProvider")))
+    resampled = model.manifest.model_copy(
+        update={"preprocessing": model.manifest.preprocessing.model_copy(update={"spacing_mm": [0.8, 0.8]})}
+    )
+    assert not streams(replace(model, manifest=resampled))  # padding with the batch's minimum
