@@ -18,7 +18,6 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, 
 import pydicom  # noqa: E402
 
 from tests.bench.bench_ingest import STORESCU, peak_rss_mb  # noqa: E402
-from tests.bench.load_senders import rss_mb, study_of_patient  # noqa: E402
+from tests.bench.load_senders import RssSampler, study_of_patient  # noqa: E402
 from tests.support.nodeproc import NodeProcess  # noqa: E402
 from tests.support.peers import StoreSCP, free_port  # noqa: E402
 
@@ -126,19 +125,11 @@ def main() -> None:
                 _, last, _ = send_at_once(node, {name: (uid, folder)})
                 arrived = wait_for_results(pacs, {name: (uid, folder)})
                 job_time = arrived[name] - last
-            samples: list[float] = []
-            stop = threading.Event()
-
-            def sample() -> None:
-                while not stop.is_set():
-                    samples.append(rss_mb(node.proc.pid))  # type: ignore[union-attr]
-                    time.sleep(0.5)
-
-            threading.Thread(target=sample, daemon=True).start()
+            sampler = RssSampler(node.proc.pid)
             for n in args.senders:
                 studies = {f"{p}-{n}": study_of_patient(work / f"s{n}-{p}", args.slices, f"{p}-{n}")
                            for p in patients[:n]}  # fmt: skip
-                samples.clear()
+                sampler.samples.clear()
                 first, last, failed = send_at_once(node, studies)
                 arrived = wait_for_results(pacs, studies)
                 found = results_by_study(pacs)
@@ -149,9 +140,9 @@ def main() -> None:
                     "senders": n, "failed": failed, "arrived": len(arrived), "mixups": mixups,
                     "received_s": last - first, "after_last_s": end - last,
                     "per_hour": 3600 * len(arrived) / (end - first), "bound_s": n * bound_one,
-                    "peak_mb": max(samples, default=float("nan")),
+                    "peak_mb": max(sampler.samples, default=float("nan")),
                 })  # fmt: skip
-            stop.set()
+            sampler.stop()
             peak = peak_rss_mb(node.proc.pid)
     finally:
         pacs.stop()

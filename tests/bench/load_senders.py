@@ -45,6 +45,24 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+class RssSampler:
+    """The resident memory of process ``pid``, sampled every ``every_s`` in a thread until :meth:`stop`."""
+
+    def __init__(self, pid: int, every_s: float = 0.5) -> None:
+        self.pid, self.every_s = pid, every_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(rss_mb(self.pid))
+            time.sleep(self.every_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def results_of(orthanc: OrthancServer, study_uid: str) -> list[pydicom.Dataset]:
     found = []
     for modality in ("SEG", "SR"):
@@ -82,15 +100,7 @@ def main() -> None:
             while len(results_of(orthanc, warm_uid)) < 2:
                 time.sleep(0.5)
             rss_warm = rss_mb(node.proc.pid)
-            samples: list[float] = []
-            stop = threading.Event()
-
-            def sample() -> None:
-                while not stop.is_set():
-                    samples.append(rss_mb(node.proc.pid))  # type: ignore[union-attr]
-                    time.sleep(0.5)
-
-            threading.Thread(target=sample, daemon=True).start()
+            sampler = RssSampler(node.proc.pid)
             started = time.time()
             senders = [
                 subprocess.Popen([STORESCU, "-aet", f"CT{k}", "-aec", "AINODE", "+sd", "127.0.0.1", str(node.port),
@@ -106,7 +116,7 @@ def main() -> None:
                     if patient not in arrived and len(results_of(orthanc, uid)) >= 2:
                         arrived[patient] = time.time()
                 time.sleep(0.5)
-            stop.set()
+            sampler.stop()
             peak = peak_rss_mb(node.proc.pid)
             mixups = 0
             for patient, (uid, _) in studies.items():
@@ -125,7 +135,7 @@ def main() -> None:
     print(f"  all instances received in {last_instance - started:.1f} s; last result "
           f"{max(arrived.values(), default=float('nan')) - last_instance:.1f} s after the last instance")  # fmt: skip
     print(f"  node memory: {rss_warm:.0f} MB after a warm-up study, peak {peak:.0f} MB, "
-          f"last sample {samples[-1] if samples else float('nan'):.0f} MB")  # fmt: skip
+          f"last sample {sampler.samples[-1] if sampler.samples else float('nan'):.0f} MB")  # fmt: skip
 
 
 if __name__ == "__main__":
