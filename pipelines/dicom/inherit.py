@@ -486,16 +486,21 @@ def clean_inherited(ds: Dataset) -> list[Repair]:
         The Study Instance UID is missing or invalid: a result inherits it, and none can be made up.
     """
     context = _Context(_source_encodings(ds))
-    repairs: list[Repair] = []
-    private = [tag for tag in ds.keys() if tag.is_private]
-    for tag in private:
-        del ds[tag]
-    if private:
-        repairs.append(Repair(f"{len(private)} private elements", RepairAction.DROPPED, "no module defines them"))
+    repairs = drop_private(ds)
     for module in inherited_modules():
         repairs += _clean_module(ds, module, context)
     repairs += _settle_character_set(ds, context)
     return repairs
+
+
+def drop_private(ds: Dataset) -> list[Repair]:
+    """Remove the private elements of ``ds`` (no result module defines one), saying how many."""
+    private = [tag for tag in ds.keys() if tag.is_private]
+    for tag in private:
+        del ds[tag]
+    if not private:
+        return []
+    return [Repair(f"{len(private)} private elements", RepairAction.DROPPED, "no module defines them")]
 
 
 def _present(ds: Dataset, module: Module) -> list[Attribute]:
@@ -597,7 +602,7 @@ def _settle_character_set(ds: Dataset, context: _Context) -> list[Repair]:
         return [Repair("SpecificCharacterSet", RepairAction.NORMALISED, "written as the writers accept it")]
     # Text whose character set the writers refuse, or non-ASCII text without one: decode it as pydicom reads
     # the source and declare UTF-8, which holds any of it.
-    _re_encode(ds, context, inherited=_inherited_tags())
+    _re_encode(ds, context, inherited=inherited_tags())
     _declare(ds, [UTF8])
     why = (
         ("uses ISO 2022 code extensions" if extended else "not one the writers accept")
@@ -614,8 +619,35 @@ def _declare(ds: Dataset, terms: list[str]) -> None:
 
 
 @cache
-def _inherited_tags() -> frozenset[BaseTag]:
+def inherited_tags() -> frozenset[BaseTag]:
+    """The tags of every inherited module's top-level attributes."""
     return frozenset(tag for module in inherited_modules() for tag in module.attributes)
+
+
+def _element_key(elem: Element) -> tuple[object, ...]:
+    if isinstance(elem, RawDataElement):
+        if elem.value is None and elem.length:  # read later from the file (a deferred read): equal to nothing
+            return (elem.tag, object())
+        return (elem.tag, elem.VR, elem.value, elem.is_little_endian, elem.is_implicit_VR)
+    if elem.VR == "SQ":
+        return (elem.tag, "SQ", tuple(tuple(_element_key(i.get_item(t)) for t in i.keys()) for i in elem.value or []))
+    return (elem.tag, elem.VR, repr(elem.value))
+
+
+def inherited_key(ds: Dataset) -> tuple[object, ...]:
+    """Everything :func:`clean_inherited` reads from ``ds`` but the private elements it drops, as a hashable value.
+
+    Two datasets with equal keys are cleaned alike, except when the text is re-encoded (RE_ENCODED), which also
+    rewrites the other text elements: a caller that reuses one cleaning for others must not reuse that one.
+    """
+    present = ds.keys()
+    return tuple(_element_key(ds.get_item(t)) for t in key_tags() if t in present)
+
+
+@cache
+def key_tags() -> tuple[BaseTag, ...]:
+    """The tags :func:`inherited_key` reads, in order: the inherited ones and Specific Character Set."""
+    return tuple(sorted({*inherited_tags(), Tag("SpecificCharacterSet")}))
 
 
 def _re_encode(ds: Dataset, context: _Context, inherited: frozenset[BaseTag] | None) -> None:

@@ -15,11 +15,11 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 
-from pipelines.dicom.inherit import Repair, RepairAction, clean_inherited
+from pipelines.dicom.inherit import Repair, RepairAction, clean_inherited, drop_private, inherited_key, key_tags
 from pipelines.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -27,13 +27,38 @@ logger = logging.getLogger(__name__)
 _BULK = {Tag("PixelData"), Tag("FloatPixelData"), Tag("DoubleFloatPixelData")}
 
 
-def _cleaned_copy(ds: Dataset) -> tuple[Dataset, list[Repair]]:
+#: A cleaning of what results inherit, to reuse for the other instances of a series: the elements of
+#: :func:`~pipelines.dicom.inherit.key_tags` it left (by tag) and its repairs.
+_Cleaning = tuple[dict[BaseTag, DataElement | RawDataElement], list[Repair]]
+
+
+def _cleaned_copy(ds: Dataset, memo: dict[tuple[object, ...], _Cleaning] | None = None) -> tuple[Dataset, list[Repair]]:
     # The elements themselves are shared, not copied (a deep copy of 300 CT headers takes most of a second):
     # the cleaning replaces elements of the copy and never modifies one, so ``ds`` stays as it is.
     out = Dataset({tag: elem for tag, elem in ds.items() if tag not in _BULK})
+    repairs = drop_private(out)
+    key = inherited_key(out) if memo is not None else ()
+    done = memo.get(key) if memo is not None else None
+    if done is not None:
+        # The instances of a series inherit the same values, so they are cleaned alike: the first one's
+        # cleaning is reused (cleaning takes a third of a second per 100 CT headers).
+        kept, same = done
+        for tag in key_tags():
+            if tag in kept:
+                out[tag] = kept[tag]
+            elif tag in out:
+                del out[tag]
+        repairs += same
+    else:
+        cleaned = clean_inherited(out)
+        repairs += cleaned
+        if memo is not None and all(r.action is not RepairAction.RE_ENCODED for r in cleaned):
+            # Re-encoding rewrites every text element of the dataset, not only the inherited ones: not reused.
+            present = out.keys()
+            memo[key] = ({t: out.get_item(t) for t in key_tags() if t in present}, cleaned)
     if hasattr(ds, "file_meta"):
         out.file_meta = copy.copy(ds.file_meta)
-    repairs = clean_inherited(out) + _clean_image_numbers(out)
+    repairs += _clean_image_numbers(out)
     # Frame of Reference (PS3.3 C.7.4.1): Position Reference Indicator is Type 2, and scanners omit it.
     if "FrameOfReferenceUID" in out and "PositionReferenceIndicator" not in out:
         out.PositionReferenceIndicator = ""
@@ -95,12 +120,13 @@ def ordered_sources(volume: Volume, datasets: Sequence[Dataset]) -> list[Dataset
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
     seen: dict[str, Dataset] = {}
     repairs: Counter[Repair] = Counter()
+    memo: dict[tuple[object, ...], _Cleaning] = {}
     for frame in volume.source_frames:
         uid = str(frame.sop_instance_uid)
         if uid not in by_uid:
             raise ValueError(f"source_datasets lack the instance {uid} that the volume was built from")
         if uid not in seen:
-            seen[uid], own = _cleaned_copy(by_uid[uid])
+            seen[uid], own = _cleaned_copy(by_uid[uid], memo)
             repairs.update(own)
             copied = seen[uid]
             if "SliceThickness" in copied and copied.SliceThickness in (None, "") and volume.in_plane_spacing.known:
