@@ -46,6 +46,7 @@ from node.work.destinations import make_resolver
 from node.work.prefetch import Prefetcher
 from node.work.slicestore import SliceStore
 from node.work.worker import Worker, WorkerPool
+from pipelines.headercache import HeaderCache
 from pipelines.study import StudyRunner
 
 log = logging.getLogger("ainode")
@@ -85,6 +86,8 @@ class NodeApp:
         self.retention = Retention(self.sessions, self.spool, node.retention_days)
         #: Label rows of slices analysed while their study arrived (runtime.stream_inference), shared by all processes.
         self.slice_store = SliceStore(self.spool) if config.runtime.stream_inference else None
+        #: Headers the analysis ahead parsed, which the job then does not parse again (this process's only).
+        self.headers = HeaderCache() if config.runtime.stream_inference else None
         self.prefetcher: Prefetcher | None = None
         self.index = InstanceIndex(self.sessions, node.late_instances)
         self.device_uid = device_uid(config)
@@ -113,7 +116,9 @@ class NodeApp:
     def _make_runner(self) -> StudyRunner:
         if self._runner is not None:
             return self._runner
-        return study_runner_from_config(self.config, self.slice_store.study if self.slice_store is not None else None)
+        return study_runner_from_config(
+            self.config, self.slice_store.study if self.slice_store is not None else None, headers=self.headers
+        )
 
     def backoff(self) -> Backoff:
         d = self.config.delivery
@@ -240,6 +245,7 @@ class NodeApp:
                     model=registry.get,
                     routes={r.name: r.pipeline for r in self.config.routes},
                     idle=lambda: pool.idle,
+                    headers=getattr(runner, "headers", None),
                 )
             self.outbox_thread = outbox_loop(self.make_outbox())
             self.outbox_thread.start()

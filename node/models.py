@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from node.config import Config
 
 if TYPE_CHECKING:  # onnxruntime takes half a second to import: only the commands that need it pay
+    from pipelines.headercache import HeaderCache
     from pipelines.runtime import ModelRegistry
     from pipelines.slicecache import SliceCache
     from pipelines.study import StudyRunner
@@ -38,12 +39,14 @@ def registry_from_config(config: Config) -> ModelRegistry:
     )
 
 
-def study_runner_from_config(config: Config, slice_cache: Callable[[str], SliceCache] | None = None) -> StudyRunner:
+def study_runner_from_config(
+    config: Config, slice_cache: Callable[[str], SliceCache] | None = None, *, headers: HeaderCache | None = None
+) -> StudyRunner:
     """The study analysis the node's workers and ``ainode run`` use: the configured models, written
     as this node (its identity in the result objects' equipment) with the configured result options.
 
     ``slice_cache``: the slice cache of a study by its UID (the node's, when ``runtime.stream_inference``);
-    ``ainode run`` has none."""
+    ``ainode run`` has none. ``headers``: the headers the analysis ahead parsed (the node's, when streaming)."""
     from node import __version__
     from node.identity import MANUFACTURER, device_uid
     from pipelines.dicom import Equipment
@@ -64,6 +67,7 @@ def study_runner_from_config(config: Config, slice_cache: Callable[[str], SliceC
         batch_size=config.runtime.batch_size,
         max_volume_bytes=config.runtime.max_volume_mb * 2**20,
         slice_cache=slice_cache,
+        headers=headers,
     )
 
 

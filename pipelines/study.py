@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 
 from pipelines.enums import ResultKind, Task, result_kind
+from pipelines.headercache import DEFER_BYTES, HeaderCache, read_header
 from pipelines.notanalysed import NotAnalysable, NotAnalysed, NotAnalysedReason
 from pipelines.select import Candidate, rank_series, select_series, usable_instances
 
@@ -41,9 +42,6 @@ __all__ = [
     "result_kind",
     "run_pipeline",
 ]
-
-#: Elements larger than this (pixel data) are read only when used.
-DEFER_BYTES = 64 * 1024
 
 
 @dataclass
@@ -186,6 +184,8 @@ class OnnxStudyRunner:
     slice_cache
         The slice cache of a study, by Study Instance UID: label rows computed while it arrived
         (config ``runtime.stream_inference``); None: every slice is analysed when the study is complete.
+    headers
+        Headers parsed while the study arrived (by the analysis ahead): a file found there is not parsed again.
     """
 
     def __init__(
@@ -197,7 +197,9 @@ class OnnxStudyRunner:
         batch_size: int | None = None,
         max_volume_bytes: int | None = None,
         slice_cache: Callable[[str], SliceCache] | None = None,
+        headers: HeaderCache | None = None,
     ) -> None:
+        self.headers = headers
         self.max_volume_bytes = max_volume_bytes
         self.slice_cache = slice_cache
         self.registry = registry
@@ -248,7 +250,8 @@ class OnnxStudyRunner:
         manifest = model.manifest
         # One parse per file: pixel data is deferred (read from the file when the volume is built), so the
         # headers that selection reads are the datasets that are then loaded.
-        headers = {uid: [dcmread(p, defer_size=DEFER_BYTES) for p in paths] for uid, paths in series_files.items()}
+        read = self.headers.read if self.headers is not None else read_header
+        headers = {uid: [read(p) for p in paths] for uid, paths in series_files.items()}
         mismatch = patient_mismatch(headers)
         if mismatch is not None:
             # A result carries the patient of its sources: with two patients in one study it would be wrong for one.

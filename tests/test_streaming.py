@@ -29,6 +29,7 @@ from node.receive.ingest import ReceivedInstance
 from node.receive.spool import INFERENCE_DIR, Spool
 from node.work.prefetch import MAX_AGE, Prefetcher
 from node.work.slicestore import SliceStore
+from pipelines.headercache import HeaderCache
 from pipelines.segmentation import infer_labelmap
 from pipelines.slicecache import CountingCache
 from pipelines.streaming import prefetch_slices, streams
@@ -255,9 +256,10 @@ def test_node_analyses_slices_ahead_uses_them_for_the_job_and_removes_them_when_
     clock = Clock()
     node = _lung_node(tmp_path, clock)
     store = SliceStore(node.spool)
+    headers = HeaderCache()
     idle = [True]
     prefetcher = Prefetcher(sessions=node.sessions, spool=node.spool, store=store, model=batch_runner.registry.get,
-                            routes={"ct": "lung-seg"}, idle=lambda: idle[0])  # fmt: skip
+                            routes={"ct": "lung-seg"}, idle=lambda: idle[0], headers=headers)  # fmt: skip
     datasets = [pydicom.dcmread(p) for files in study_files.values() for p in files]
     random.Random(7).shuffle(datasets)
     # A slice of the chosen series with lung in it is among the first to arrive (it is replaced later).
@@ -291,7 +293,8 @@ def test_node_analyses_slices_ahead_uses_them_for_the_job_and_removes_them_when_
 
     # Complete: the job takes every slice of the chosen series from the cache.
     assert node.assembler.tick(now=clock.advance(10))
-    runner = OnnxStudyRunner(batch_runner.registry, batch_runner.equipment, slice_cache=store.study)
+    runner = OnnxStudyRunner(batch_runner.registry, batch_runner.equipment, slice_cache=store.study, headers=headers)
+    parsed_ahead = headers.misses  # 61: each instance, and the replaced one again
     outcomes: list[RunOutcome] = []
 
     class Recording:
@@ -302,6 +305,9 @@ def test_node_analyses_slices_ahead_uses_them_for_the_job_and_removes_them_when_
     assert node.worker(runner=Recording()).run_once()
     (outcome,) = outcomes
     assert outcome.slices_reused == (30, 30)
+    # The job parsed no file the analysis ahead had parsed: every instance came from the header cache (the
+    # replaced one as stored now: its old header is another file's, by inode and time).
+    assert (headers.misses, headers.hits) == (parsed_ahead, 60)
     # The replaced slice changes the result: the reference is the batch path on what the spool holds now.
     spooled: dict[str, list[Path]] = {}
     for instance in node.instances():
@@ -315,6 +321,7 @@ def test_node_analyses_slices_ahead_uses_them_for_the_job_and_removes_them_when_
     prefetcher.step(clock.advance(1))
     assert store.studies() == []
     assert not (node.spool.root / INFERENCE_DIR / study_uid).exists()
+    assert len(headers) == 0
 
 
 def test_the_cache_of_a_study_never_completed_is_removed_after_a_day(tmp_path, batch_runner, study_files):

@@ -28,6 +28,7 @@ from node.receive.spool import Spool
 from node.work.slicestore import SliceStore
 
 if TYPE_CHECKING:
+    from pipelines.headercache import HeaderCache
     from pipelines.runtime import LoadedModel
     from pipelines.streaming import StoredSlice
 
@@ -60,6 +61,8 @@ class Prefetcher:
         Pipeline of each route name.
     idle
         True while no worker of this process runs a job.
+    headers
+        Where the headers parsed here are kept for the job (the runner's), so that it does not parse them again.
     """
 
     def __init__(
@@ -73,7 +76,9 @@ class Prefetcher:
         idle: Callable[[], bool],
         max_slices_per_pass: int = MAX_SLICES_PER_PASS,
         batch_slices: int = BATCH_SLICES,
+        headers: HeaderCache | None = None,
     ) -> None:
+        self.headers = headers
         self.sessions = sessions
         self.spool = spool
         self.store = store
@@ -130,6 +135,16 @@ class Prefetcher:
                 )
             for uid in self.store.remove_finished(open_uids):
                 log.debug("slice cache of study %s removed: the study is no longer open", uid)
+        if self.headers is not None and len(self.headers):
+            # Kept for the job of an open study only: memory stays bounded by what is arriving.
+            with self.sessions() as session:
+                paths = session.execute(
+                    select(Instance.path)
+                    .join(Series, Instance.series_id == Series.id)
+                    .join(Study, Series.study_id == Study.id)
+                    .where(Study.state.in_(OPEN_STATES))
+                ).scalars()
+                self.headers.forget({str(self.spool.abspath(p)) for p in paths})
         if self._age_checked is None or now - self._age_checked >= AGE_CHECK_EVERY:
             self._age_checked = now
             removed = self.store.remove_older_than(now - MAX_AGE)
@@ -176,7 +191,9 @@ class Prefetcher:
             if not self.idle():  # a job took the machine: the rest waits for the next idle pass
                 break
             try:
-                stored = read_stored_slice(self.model(pipeline), self.spool.abspath(relpath))
+                path = self.spool.abspath(relpath)
+                item = self.headers.read(path) if self.headers is not None else path
+                stored = read_stored_slice(self.model(pipeline), item)
             except Exception as exc:  # the job reads it again and says what is wrong, if anything
                 log.debug("slice %s not analysed ahead: %s: %s", relpath, type(exc).__name__, exc)
                 stored = None
