@@ -60,6 +60,8 @@ class RunOutcome:
     #: Slices whose label rows were taken from the slice cache (analysed while the study arrived), of how many;
     #: None when no slice cache was used.
     slices_reused: tuple[int, int] | None = None
+    #: Seconds spent in each step, in order ("read", "volume", "model", "write"), for the job's log line.
+    steps_s: dict[str, float] = field(default_factory=dict)
 
 
 class ResultsNotBuilt(Exception):
@@ -248,10 +250,13 @@ class OnnxStudyRunner:
         wanted = sorted({ResultKind(o) for o in outputs})
         model = self.registry.get(pipeline)
         manifest = model.manifest
+        steps: dict[str, float] = {}
+        t0 = time.monotonic()
         # One parse per file: pixel data is deferred (read from the file when the volume is built), so the
         # headers that selection reads are the datasets that are then loaded.
         read = self.headers.read if self.headers is not None else read_header
         headers = {uid: [read(p) for p in paths] for uid, paths in series_files.items()}
+        steps["read"] = time.monotonic() - t0
         mismatch = patient_mismatch(headers)
         if mismatch is not None:
             # A result carries the patient of its sources: with two patients in one study it would be wrong for one.
@@ -272,6 +277,7 @@ class OnnxStudyRunner:
         for ds in datasets:
             # The volume holds the pixels now; the writers need headers only (SC renders from the volume).
             ds.pop(0x7FE00010, None)
+        steps["volume"] = time.monotonic() - t0 - steps["read"]
         cache = None
         if self.slice_cache is not None:
             from pipelines.slicecache import CountingCache
@@ -279,15 +285,17 @@ class OnnxStudyRunner:
 
             if streams(model):
                 cache = CountingCache(self.slice_cache(volume.study_instance_uid))
-        t0 = time.monotonic()
+        t1 = time.monotonic()
         result = run_pipeline(model, volume, batch_size=self.batch_size, headers=datasets, slice_cache=cache)
-        model_s = time.monotonic() - t0
+        model_s = steps["model"] = time.monotonic() - t1
         reused = None
         if cache is not None and (cache.reused or cache.computed):
             reused = (cache.reused, cache.reused + cache.computed)
         if isinstance(result, NotAnalysed):
             return RunOutcome(not_analysed=str(result), model_s=model_s, selection=selection)
+        t1 = time.monotonic()
         written = write_each(result, datasets, self.equipment, wanted, omit_empty_frames=self.omit_empty_frames)
+        steps["write"] = time.monotonic() - t1
         failed = {kind.value: _one_line(exc) for kind, exc in written.failed.items()}
         if not written.datasets and failed:
             raise ResultsNotBuilt("; ".join(f"{kind} not built: {why}" for kind, why in failed.items()))
@@ -297,4 +305,5 @@ class OnnxStudyRunner:
             selection=selection,
             failed_outputs=failed,
             slices_reused=reused,
+            steps_s=steps,
         )

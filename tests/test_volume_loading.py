@@ -151,6 +151,18 @@ def test_a_12_bit_ct_loads_as_int16_hounsfield_units_and_a_wider_range_as_float3
     assert volume.pixels.dtype == np.float32
     np.testing.assert_array_equal(volume.pixels[1], slice_pixels(1).astype(float) + 60000 - 1024)
 
+    # 16 stored bits unsigned, intercept -32768: 0..65535 becomes -32768..32767, exactly int16's range. Stored
+    # values over 32767 do not fit int16 before the intercept is added: their sum must still be exact.
+    full = ct_series(2)
+    for ds in full:
+        ds.BitsStored, ds.HighBit, ds.RescaleIntercept = 16, 15, -32768
+        ds.PixelData = (slice_pixels(int(ds.InstanceNumber) - 1).astype(np.uint16) * 16 + 33000).tobytes()
+    volume = load_volume(full)
+    assert volume.pixels.dtype == np.int16
+    stored = slice_pixels(1).astype(np.int64) * 16 + 33000
+    assert stored.max() > 32767 and stored.min() > 32767
+    np.testing.assert_array_equal(volume.pixels[1], stored - 32768)
+
 
 def test_missing_rescale_leaves_stored_values() -> None:
     slices = ct_series(2)

@@ -197,6 +197,7 @@ class Worker:
     ) -> None:
         # Files first (fsynced), rows second: a crash in between leaves orphan files that no
         # row points to, never a row that points to nothing.
+        store_started = time.monotonic()
         stored: list[tuple[Dataset, str, ResultKind]] = []
         for ds in outcome.datasets:
             relpath = Spool.result_relpath(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
@@ -240,10 +241,13 @@ class Worker:
             reason = "; ".join(notes) or None
             self._set_finished(session, row, JobState.DONE, reason, time.monotonic() - started, outcome.model_s)
         kinds = ",".join(sorted({k for _, _, k in stored}))
+        steps = {**outcome.steps_s, "store": time.monotonic() - store_started}
         log.info(
-            "job %d study %s done: %d result objects (%s) for %s",
+            "job %d study %s done in %.1f s (%s): %d result objects (%s) for %s",
             job.id,
             study_uid,
+            time.monotonic() - started,
+            ", ".join(f"{step} {seconds:.2f}" for step, seconds in steps.items()),
             len(stored),
             kinds or "none",
             ",".join(d.name for d in destinations) or "no destination",
