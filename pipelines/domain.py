@@ -56,6 +56,10 @@ def _top8_fraction(x: np.ndarray, smooth: np.ndarray, grad: np.ndarray) -> float
     return float(np.sort(_histogram(smooth))[-8:].sum())
 
 
+_INTENSITY_PERCENTILES = {"intensity_p05": 5, "intensity_p25": 25, "intensity_p50": 50, "intensity_p75": 75,
+                          "intensity_p95": 95}  # fmt: skip
+_GRADIENT_LOG_PERCENTILES = {"gradient_p50_log": 50, "gradient_p90_log": 90}
+
 #: Statistics of the preprocessed input (mapped to 0..1) a profile may name, computed over the sampled slices.
 #: Phantoms and real images differ most in the *shape* of the intensity histogram (a few flat tissue
 #: classes vs. continuous shading) and in how much of the picture is flat.
@@ -85,7 +89,21 @@ def image_statistics(x01: np.ndarray, names: Sequence[str]) -> np.ndarray:
     x = np.clip(np.asarray(x01, np.float64), 0.0, 1.0)
     smooth = ndi.gaussian_filter(x, (0, SMOOTHING_PX, SMOOTHING_PX))
     grad = np.hypot(np.gradient(smooth, axis=1), np.gradient(smooth, axis=2))
-    return np.array([IMAGE_STATISTICS[n](x, smooth, grad) for n in names], dtype=np.float64)
+    batched = _batched(names, x, grad)
+    return np.array([batched[n] if n in batched else IMAGE_STATISTICS[n](x, smooth, grad) for n in names],
+                    dtype=np.float64)  # fmt: skip
+
+
+def _batched(names: Sequence[str], x: np.ndarray, grad: np.ndarray) -> dict[str, float]:
+    """The percentile statistics among ``names``, each array's in one call: one partition instead of one per
+    percentile (a third of the time), the same values as :data:`IMAGE_STATISTICS` gives one by one."""
+    out: dict[str, float] = {}
+    for array, wanted in ((x, _INTENSITY_PERCENTILES), (grad, _GRADIENT_LOG_PERCENTILES)):
+        chosen = [n for n in names if n in wanted]
+        if chosen:
+            for name, value in zip(chosen, np.percentile(array, [wanted[n] for n in chosen]), strict=True):
+                out[name] = float(np.log(value + 1e-5)) if wanted is _GRADIENT_LOG_PERCENTILES else float(value)
+    return out
 
 
 def profile_slices(n_slices: int) -> np.ndarray:
