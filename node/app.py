@@ -246,6 +246,7 @@ class NodeApp:
                     routes={r.name: r.pipeline for r in self.config.routes},
                     idle=lambda: pool.idle,
                     headers=getattr(runner, "headers", None),
+                    owner=self.identity,
                 )
             self.outbox_thread = outbox_loop(self.make_outbox())
             self.outbox_thread.start()

@@ -13,6 +13,7 @@ import copy
 import io
 import random
 import re
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +28,7 @@ from node.config import Config
 from node.models import study_runner_from_config
 from node.receive.ingest import ReceivedInstance
 from node.receive.spool import INFERENCE_DIR, Spool
-from node.work.prefetch import MAX_AGE, Prefetcher
+from node.work.prefetch import LEASE_S, MAX_AGE, Prefetcher
 from node.work.slicestore import SliceStore
 from pipelines.headercache import HeaderCache
 from pipelines.segmentation import infer_labelmap
@@ -418,3 +419,41 @@ def test_only_per_slice_segmentation_on_the_cpu_is_analysed_ahead(batch_runner, 
         update={"preprocessing": model.manifest.preprocessing.model_copy(update={"spacing_mm": [0.8, 0.8]})}
     )
     assert not streams(replace(model, manifest=resampled))  # padding with the batch's minimum
+
+
+def test_of_two_worker_processes_sharing_the_spool_one_analyses_a_study_ahead_until_it_stops(
+    tmp_path, batch_runner, study_files
+):
+    # Scale-out: every worker process sees the same arriving instances; each slice must be analysed once.
+    clock = Clock()
+    node = _lung_node(tmp_path, clock)
+    store = SliceStore(node.spool)
+
+    def prefetcher(owner: str) -> Prefetcher:
+        return Prefetcher(sessions=node.sessions, spool=node.spool, store=store, model=batch_runner.registry.get,
+                          routes={"ct": "lung-seg"}, idle=lambda: True, owner=owner)  # fmt: skip
+
+    first, second = prefetcher("host-a:101"), prefetcher("host-b:202")
+    files = _chosen(study_files)
+    node.receive([pydicom.dcmread(p) for p in files[:10]])
+    node.assembler.tick(now=clock.advance(1))
+    while first.step(clock.now):
+        pass
+    assert first.slices_analysed == 10
+    node.receive([pydicom.dcmread(p) for p in files[10:20]])
+    # The other process leaves the study to the one that holds it, which goes on with what arrives.
+    assert second.step(clock.now) is False and second.slices_analysed == 0
+    while first.step(clock.now):
+        pass
+    assert first.slices_analysed == 20
+    # The holder stops (it died, or its workers are busy): after the lease the other takes the study over and
+    # analyses only what is not in the cache yet.
+    (study_uid,) = store.studies()
+    stale = time.time() + LEASE_S + 1
+    assert not store.study(study_uid).claim("host-b:202", LEASE_S)
+    assert store.study(study_uid).claim("host-b:202", LEASE_S, now=stale)
+    node.receive([pydicom.dcmread(p) for p in files[20:30]])
+    while second.step(clock.now):
+        pass
+    assert second.slices_analysed == 10
+    assert first.step(clock.now) is False  # and the first one, back, leaves it to its new holder

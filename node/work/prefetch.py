@@ -44,6 +44,8 @@ BATCH_SLICES = 4
 MAX_AGE = timedelta(days=1)
 #: How often entries are checked for their age.
 AGE_CHECK_EVERY = timedelta(minutes=10)
+#: A process that analyses a study ahead renews its lease every pass; another takes it over this long after.
+LEASE_S = 30.0
 
 
 class Prefetcher:
@@ -63,6 +65,10 @@ class Prefetcher:
         True while no worker of this process runs a job.
     headers
         Where the headers parsed here are kept for the job (the runner's), so that it does not parse them again.
+    owner
+        This process (its identity): of several worker processes sharing the spool (scale-out), one analyses
+        each study ahead, the one that holds its lease (:meth:`~node.work.slicestore.StudySlices.claim`);
+        None: every study is analysed here.
     """
 
     def __init__(
@@ -77,8 +83,12 @@ class Prefetcher:
         max_slices_per_pass: int = MAX_SLICES_PER_PASS,
         batch_slices: int = BATCH_SLICES,
         headers: HeaderCache | None = None,
+        owner: str | None = None,
+        lease_s: float = LEASE_S,
     ) -> None:
         self.headers = headers
+        self.owner = owner
+        self.lease_s = lease_s
         self.sessions = sessions
         self.spool = spool
         self.store = store
@@ -175,9 +185,14 @@ class Prefetcher:
             ).all()
         # Forget instances of studies that are no longer open: memory stays bounded by the open studies.
         self._seen = {row.id: self._seen[row.id] for row in rows if row.id in self._seen}
+        # One process analyses each study ahead; the others leave it (and take it over if that one stops).
+        ours = {
+            uid: self.owner is None or self.store.study(uid).claim(self.owner, self.lease_s)
+            for uid in dict.fromkeys(row.study_instance_uid for row in rows)
+        }
         todo = []
         for row in rows:
-            if self._seen.get(row.id) != row.received_at:
+            if ours[row.study_instance_uid] and self._seen.get(row.id) != row.received_at:
                 todo.append((row.id, row.received_at, row.path, self.routes[row.route], row.study_instance_uid))
                 if len(todo) >= self.max_slices_per_pass:
                     break

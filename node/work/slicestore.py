@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 import zlib
 from collections.abc import Iterable
 from datetime import datetime
@@ -31,6 +32,8 @@ from node.receive.spool import INFERENCE_DIR, TMP_SUFFIX, Spool, valid_uid
 log = logging.getLogger("ainode.prefetch")
 
 SUFFIX = ".rows"
+#: Which process analyses a study's slices ahead (:meth:`StudySlices.claim`); its time is the lease's renewal.
+OWNER_FILE = ".analysed-by"
 _KEY = re.compile(r"^[0-9a-f]{16,128}$")
 
 
@@ -74,6 +77,40 @@ class StudySlices:
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.folder is not None and self._path(key).is_file()
+
+    def claim(self, owner: str, lease_s: float, now: float | None = None) -> bool:
+        """Whether ``owner`` (a process) analyses this study's slices ahead: it holds the study's lease, or takes
+        it because it is free or has not been renewed for ``lease_s`` (its holder stopped or died).
+
+        Every worker process of a scaled-out node sees the same arriving instances: without a lease, each would
+        run the model on every slice. Holding renews the lease. ``now``: the time to judge the lease's age at.
+        """
+        if self.folder is None:
+            return False
+        path = self.folder / OWNER_FILE
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder, age = path.read_text(), (time.time() if now is None else now) - path.stat().st_mtime
+                if holder == owner:
+                    os.utime(path)
+                    return True
+                if age < lease_s:
+                    return False
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+                tmp.write_text(owner)
+                os.replace(tmp, path)  # two taking over at once both analyse for one pass: the same rows
+                log.debug("analysis ahead of study %s taken over from %s", self.folder.name, holder or "?")
+                return True
+            except OSError:  # removed meanwhile (the study processed), or a full disk: not this pass
+                return False
+        except OSError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(owner)
+        return True
 
 
 class SliceStore:
