@@ -111,6 +111,8 @@ class NodeApp:
         #: Routed pipelines whose model could not be loaded, and why; None until start() preloaded them.
         self.model_problems: dict[str, str] | None = None
         self._previous_sighup: Any = None
+        #: Called when jobs were queued, beside waking this process's workers (the node's worker processes).
+        self.on_jobs_queued: Callable[[], None] | None = None
 
     # -- parts -----------------------------------------------------------------------------
     def _make_runner(self) -> StudyRunner:
@@ -182,7 +184,7 @@ class NodeApp:
                     self.sessions,
                     self.spool,
                     self.readiness_checks(),
-                    self._wake_workers,
+                    self.wake_workers,
                     config=self.config,
                     on_delivery_due=self._wake_outbox,
                     rejected_instances=self._rejected_instances if receives else None,
@@ -252,8 +254,8 @@ class NodeApp:
             self.outbox_thread.start()
 
         def assemble() -> None:
-            if assembler.tick() and self.pool is not None:
-                self.pool.wake()
+            if assembler.tick():
+                self.wake_workers()
 
         assemble_loop = Loop("assembler", assemble, self._assembler_poll_s, log=log)
         self.loops = [
@@ -439,9 +441,12 @@ class NodeApp:
             return str(exc)
         return None
 
-    def _wake_workers(self) -> None:
+    def wake_workers(self) -> None:
+        """A job was queued (or queued again): the workers look for it now."""
         if self.pool is not None:
             self.pool.wake()
+        if self.on_jobs_queued is not None:
+            self.on_jobs_queued()
 
     def _wake_outbox(self) -> None:
         if self.outbox_thread is not None:

@@ -113,6 +113,9 @@ class NodeSettings(_Strict):
     allowed_callers: list[str] = []
     workers: int = Field(2, ge=1, le=64)
     role: Literal["all", "receiver", "worker"] = "all"
+    #: Role all only: run the jobs in this many child processes (role worker, ``workers`` threads each) that the
+    #: node starts, restarts and stops; this process receives. 0: jobs in this process's threads.
+    worker_processes: int = Field(0, ge=0, le=32)
     models_dirs: list[Path] = []
     #: DICOM UID of this node as a device; None: derived from the AE title and host name.
     device_uid: str | None = None
@@ -170,6 +173,15 @@ class NodeSettings(_Strict):
             raise ValueError("port is null and there is no tls.port: the node would receive nothing")
         if tls_port is not None and tls_port == self.port:
             raise ValueError(f"tls.port ({tls_port}) must differ from port: one port speaks TLS, the other not")
+        return self
+
+    @model_validator(mode="after")
+    def _supervised(self) -> NodeSettings:
+        if self.worker_processes and self.role != "all":
+            raise ValueError(
+                f"worker_processes ({self.worker_processes}) needs role all: a node of role {self.role} runs as one "
+                "process (start worker processes of their own for role worker)"
+            )
         return self
 
     @model_validator(mode="after")

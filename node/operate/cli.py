@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from node.config import Config, ConfigError, delivery_warnings, display_database_url, load_config
 from node.operate.logs import setup_logging
@@ -76,8 +77,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.role:
         config.node.role = args.role
+    if args.no_api:
+        config.api = None
     node = config.node
-    setup_logging(node.log_level)
+    setup_logging(node.log_level, tag=args.process_tag)
+    children = None
+    if node.role == "all" and node.worker_processes:
+        # The jobs run in worker processes started here; this one receives (node/operate/supervise.py).
+        from node.operate.supervise import WorkerProcesses
+
+        children = WorkerProcesses(config.source.path, node.worker_processes)
+        node.role = "receiver"
+    elif node.role != "all":
+        node.worker_processes = 0
     if node.role in ("all", "worker"):  # a receiver only routes: the models are the workers' business
         problems = unknown_pipelines(config, model_names(config))
         if problems:
@@ -108,9 +120,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if children is not None:
+        app.on_jobs_queued = children.wake
     app.start(listener, tls_listener, api_listener)
+    if children is not None:
+        children.start()
+        node_reload = signal.getsignal(signal.SIGHUP)
+
+        def on_sighup(signum: int, frame: FrameType | None) -> None:
+            if callable(node_reload):
+                node_reload(signum, frame)
+            children.reload()
+
+        signal.signal(signal.SIGHUP, on_sighup)
+    elif node.role == "worker":
+        # Woken by the node that started this process when it queued a job (node.worker_processes).
+        signal.signal(signal.SIGUSR1, lambda _signum, _frame: app.wake_workers())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})  # blocked by that node until now
     stop.wait()
     app.stop()
+    if children is not None:
+        children.stop()
     log.info("stopped")
     return 0
 
@@ -416,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["all", "receiver", "worker"],
         help="override node.role: all (receive, run, deliver), receiver (DICOM only) or worker (jobs only)",
     )
+    p.add_argument("--no-api", action="store_true", help="do not serve the HTTP API (the node's worker processes)")
+    p.add_argument("--process-tag", help="name this process in every log line (the node's worker processes)")
     p.set_defaults(func=cmd_serve)
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)

@@ -69,10 +69,12 @@ def _thread_died(args: threading.ExceptHookArgs) -> None:
         logging.getLogger("ainode").debug("thread %s", name, exc_info=(args.exc_type, exc, args.exc_traceback))
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(level: str = "INFO", tag: str | None = None) -> None:
+    """Log lines to stderr at ``level``; ``tag`` names the process in each line (a worker process of a node)."""
     debug = level.upper() == "DEBUG"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    who = f"[{tag}] " if tag else ""
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {who}%(name)s: %(message)s"))
     handler.addFilter(_LibraryChatterAsDebug())
     handler.addFilter(_LibraryErrorsOnOneLine(debug))
     threading.excepthook = _thread_died

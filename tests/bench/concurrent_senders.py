@@ -66,6 +66,16 @@ def results_by_study(pacs: StoreSCP) -> dict[str, list[pydicom.Dataset]]:
     return found
 
 
+def children(pid: int, count: int, timeout_s: float = 60) -> list[int]:
+    """The pids of the ``count`` worker processes the node ``pid`` started (node.worker_processes)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        if len(found) >= count or time.monotonic() > deadline:
+            return [int(p) for p in found]
+        time.sleep(0.2)
+
+
 def send_at_once(node: NodeProcess, studies: dict[str, tuple[str, Path]]) -> tuple[float, float, int]:
     """All senders at once; returns (first instance sent, last instance acknowledged, failed senders)."""
     started = time.time()
@@ -99,6 +109,8 @@ def main() -> None:
     parser.add_argument("--lanes", type=int, default=None, help="runtime.inference_lanes (default: the node's)")
     parser.add_argument("--stream", choices=["on", "off"], default="on", help="runtime.stream_inference")
     parser.add_argument("--log-level", default="WARNING", help="the node's log level (INFO: slices reused per job)")
+    parser.add_argument("--worker-processes", type=int, default=0,
+                        help="node.worker_processes: jobs in this many child processes of the node")  # fmt: skip
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ainode-concurrent-"))
     most = max(args.senders)
@@ -127,19 +139,22 @@ def main() -> None:
                 uid, folder = study_of_patient(work / f"warmb-{time.time_ns()}", args.slices, name)
                 _, last, _ = send_at_once(batch_node, {name: (uid, folder)})
                 batch_job_time = wait_for_results(pacs, {name: (uid, folder)})[name] - last
+        config["node"]["worker_processes"] = args.worker_processes
         with NodeProcess(config, work / "node", cli=True) as node:
             assert node.proc is not None
+            pids = [node.proc.pid, *children(node.proc.pid, args.worker_processes)]
             # Warm-up, then one study alone: the job-time the goal is counted in.
             for name in ("WARM", "WARM"):
                 uid, folder = study_of_patient(work / f"warm-{time.time_ns()}", args.slices, name)
                 _, last, _ = send_at_once(node, {name: (uid, folder)})
                 arrived = wait_for_results(pacs, {name: (uid, folder)})
                 job_time = arrived[name] - last
-            sampler = RssSampler(node.proc.pid)
+            samplers = [RssSampler(pid) for pid in pids]
             for n in args.senders:
                 studies = {f"{p}-{n}": study_of_patient(work / f"s{n}-{p}", args.slices, f"{p}-{n}")
                            for p in patients[:n]}  # fmt: skip
-                sampler.samples.clear()
+                for sampler in samplers:
+                    sampler.samples.clear()
                 first, last, failed = send_at_once(node, studies)
                 arrived = wait_for_results(pacs, studies)
                 found = results_by_study(pacs)
@@ -150,10 +165,11 @@ def main() -> None:
                     "senders": n, "failed": failed, "arrived": len(arrived), "mixups": mixups,
                     "received_s": last - first, "after_last_s": end - last,
                     "per_hour": 3600 * len(arrived) / (end - first), "bound_s": n * bound_one,
-                    "peak_mb": max(sampler.samples, default=float("nan")),
+                    "peak_mb": max(map(sum, zip(*(x.samples for x in samplers), strict=False)), default=float("nan")),
                 })  # fmt: skip
-            sampler.stop()
-            peak = peak_rss_mb(node.proc.pid)
+            for sampler in samplers:
+                sampler.stop()
+            peak = sum(peak_rss_mb(pid) for pid in pids)
     finally:
         pacs.stop()
     print(f"{args.slices}-slice CTs, {args.workers} workers, this machine's cores; model alone (all cores) "
@@ -171,7 +187,8 @@ def main() -> None:
               f"{r['after_last_s'] / r['bound_s']:18.2f} | {r['mixups']:7d} | {r['peak_mb']:.0f}"
               + (f"  ({r['failed']} senders failed, {r['arrived']} of {r['senders']} arrived)"
                  if r["failed"] or r["arrived"] < r["senders"] else ""))  # fmt: skip
-    print(f"node peak memory (VmHWM) over the whole run: {peak:.0f} MB; node log {work / 'node' / 'node.log'}")
+    print(f"node peak memory (VmHWM, summed over its processes) over the whole run: {peak:.0f} MB; "
+          f"node log {work / 'node' / 'node.log'}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""node.worker_processes: jobs in child processes that the node starts, wakes, restarts and stops with itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+
+from node.config import ConfigError, load_config
+from tests.support.nodeproc import NodeProcess, node_section
+from tests.support.peers import StoreSCP, storescu
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.dcmtk
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
+
+
+def _config(tmp_path: Path, **node: object) -> dict:
+    return {"node": {**node_section(tmp_path), **node}, "routes": []}
+
+
+def test_a_lung_ct_is_analysed_in_a_worker_process_and_its_results_reach_the_pacs(tmp_path: Path, ct_dir: Path):
+    pacs = StoreSCP(tmp_path / "pacs", aet="PACS")
+    config = {
+        "node": {**node_section(tmp_path), "worker_processes": 2, "workers": 1},
+        "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port, "outputs": ["seg", "sr"]},
+                  "scanner": {"ae_title": "CTSCANNER", "host": "127.0.0.1", "port": 1, "complete_on_release": True}},
+        "routes": [{"name": "ct", "match": {"Modality": "CT"}, "pipeline": "lung-seg", "destinations": ["pacs"],
+                    "stable_after_s": 600}],
+    }  # fmt: skip
+    series = sorted(ct_dir.iterdir())[0]
+    try:
+        with NodeProcess(config, tmp_path / "n", cli=True) as node:
+            assert node.proc is not None
+            workers = wait_for(lambda: children(node.proc.pid) if len(children(node.proc.pid)) == 2 else None, 60)
+            sent = storescu(series, node.port, calling_ae="CTSCANNER")
+            assert sent.returncode == 0, sent.stderr
+            # Completed on the scanner's release, analysed by a worker process, sent by it to the PACS.
+            results = wait_for(lambda: pacs.received() if len(pacs.received()) >= 2 else None, 180)
+            modalities = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).Modality) for p in results)
+            assert modalities == ["SEG", "SR"]
+            log = node.log_text()
+            done = [line for line in log.splitlines() if "done in" in line]
+            assert len(done) == 1 and ("[worker-1]" in done[0] or "[worker-2]" in done[0]), done
+            assert children(node.proc.pid) == workers  # no worker process died meanwhile
+    finally:
+        pacs.stop()
+
+
+def test_a_worker_process_that_dies_is_started_again_and_all_stop_with_the_node(tmp_path: Path):
+    node = NodeProcess(_config(tmp_path, worker_processes=2), tmp_path / "n", cli=True).start()
+    assert node.proc is not None
+    parent = node.proc.pid
+    first = wait_for(lambda: children(parent) if len(children(parent)) == 2 else None, 60)
+    os.kill(first[0], signal.SIGKILL)
+    again = wait_for(lambda: children(parent) if len(children(parent)) == 2 and first[0] not in children(parent)
+                     else None, 30)  # fmt: skip
+    assert first[1] in again
+    assert "exited with signal SIGKILL" in node.log_text()
+    # SIGTERM to the node: it stops its worker processes, then itself.
+    node.proc.send_signal(signal.SIGTERM)
+    assert node.proc.wait(60) == 0
+    assert not any(alive(pid) for pid in again)
+
+
+def test_worker_processes_do_not_outlive_a_node_killed_with_sigkill(tmp_path: Path):
+    node = NodeProcess(_config(tmp_path, worker_processes=1), tmp_path / "n", cli=True).start()
+    assert node.proc is not None
+    (child,) = wait_for(lambda: children(node.proc.pid) or None, 60)
+    node.kill9()
+    # The kernel tells the orphan (PR_SET_PDEATHSIG): it stops on its own, nobody reaps a worker left behind.
+    wait_for(lambda: not alive(child) or None, 30)
+
+
+def test_worker_processes_need_role_all(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path, worker_processes=2, role="worker", port=None)))
+    with pytest.raises(ConfigError, match="worker_processes .2. needs role all"):
+        load_config(path)
