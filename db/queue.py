@@ -17,7 +17,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import is_postgres
-from db.models import AuditEvent, Delivery, DeliveryState, Job, JobState, utcnow
+from db.models import AuditEvent, Delivery, DeliveryState, Job, JobState, Study, utcnow
 from db.states import finish_job, set_job_state
 
 
@@ -50,6 +50,19 @@ def claim_next_job(sessions: sessionmaker[Session], worker_id: str, now: datetim
         session.flush()
         session.expunge(job)
         return job
+
+
+def next_due_study(sessions: sessionmaker[Session], now: datetime | None = None) -> str | None:
+    """The Study Instance UID of the job :func:`claim_next_job` would take now (not claimed); None when none is due."""
+    now = now or utcnow()
+    with sessions() as session:
+        return session.scalars(
+            select(Study.study_instance_uid)
+            .join(Job, Job.study_id == Study.id)
+            .where(Job.state == JobState.QUEUED, or_(Job.retry_at.is_(None), Job.retry_at <= now))
+            .order_by(Job.priority.desc(), Job.id)
+            .limit(1)
+        ).first()
 
 
 def heartbeat(sessions: sessionmaker[Session], job_ids: list[int], now: datetime | None = None) -> None:

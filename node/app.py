@@ -43,7 +43,7 @@ from node.receive.scp import AssociationLimits, ListenError, StorageSCP, known_h
 from node.receive.spool import Spool
 from node.tls import NodeTLS, https_context
 from node.work.destinations import make_resolver
-from node.work.prefetch import Prefetcher
+from node.work.prefetch import LEASE_S, Prefetcher
 from node.work.slicestore import SliceStore
 from node.work.worker import Worker, WorkerPool
 from pipelines.headercache import HeaderCache
@@ -232,6 +232,7 @@ class NodeApp:
                     resolve=make_resolver(self.config),
                     worker_id=f"{self.identity}:w{i}",
                     on_result=lambda: self.outbox_thread.wake() if self.outbox_thread else None,
+                    defer=self._held_by_another_process if self.slice_store is not None else None,
                 )
                 for i in range(node.workers)
             ]
@@ -440,6 +441,10 @@ class NodeApp:
         except RuntimeError as exc:
             return str(exc)
         return None
+
+    def _held_by_another_process(self, study_uid: str) -> bool:
+        assert self.slice_store is not None
+        return self.slice_store.study(study_uid).held_by_other(self.identity, LEASE_S)
 
     def wake_workers(self) -> None:
         """A job was queued (or queued again): the workers look for it now."""

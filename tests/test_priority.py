@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
 from db.models import Job, JobState, Study, utcnow
-from db.queue import claim_next_job, reclaim_stale_jobs
+from db.queue import claim_next_job, next_due_study, reclaim_stale_jobs
 from db.states import finish_job, requeue_job
 from tests.support.node_parts import STABLE_AFTER_S, build_node, ct_route, ct_study, make_config
 from tests.support.stat_priority import STAT_PRIORITY, run_stat_behind_routine
@@ -116,3 +116,21 @@ def test_a_stat_study_sent_behind_ten_routine_studies_starts_next_and_arrives_fi
     arrivals = run.arrival_order
     stat_at = arrivals.index(run.stat.study_uid)
     assert all(stat_at < arrivals.index(j.study_uid) for j in overtaken), arrivals
+
+
+def test_the_next_due_study_is_that_of_the_job_a_worker_claims_next(sessions):
+    # Worker.defer asks which study's job comes next before it claims (see node/work/worker.py).
+    now = utcnow()
+    _queue(sessions, [0], uid="1.2.3.1")
+    (stat,) = _queue(sessions, [STAT_PRIORITY], uid="1.2.3.2")
+    _queue(sessions, [0], uid="1.2.3.3")
+    assert next_due_study(sessions, now) == "1.2.3.2"
+    with sessions() as session, session.begin():
+        session.get(Job, stat).retry_at = now + timedelta(seconds=60)
+    order = []
+    while (uid := next_due_study(sessions, now)) is not None:
+        job = claim_next_job(sessions, "host:1:w0", now=now)
+        assert job is not None
+        with sessions() as session:
+            order.append((uid, session.get(Study, job.study_id).study_instance_uid))
+    assert order == [("1.2.3.1", "1.2.3.1"), ("1.2.3.3", "1.2.3.3")]

@@ -449,6 +449,9 @@ def test_of_two_worker_processes_sharing_the_spool_one_analyses_a_study_ahead_un
     # The holder stops (it died, or its workers are busy): after the lease the other takes the study over and
     # analyses only what is not in the cache yet.
     (study_uid,) = store.studies()
+    # A worker of the other process leaves this study's job to the holder for a moment (Worker.defer).
+    assert store.study(study_uid).held_by_other("host-b:202", LEASE_S)
+    assert not store.study(study_uid).held_by_other("host-a:101", LEASE_S)
     stale = time.time() + LEASE_S + 1
     assert not store.study(study_uid).claim("host-b:202", LEASE_S)
     assert store.study(study_uid).claim("host-b:202", LEASE_S, now=stale)

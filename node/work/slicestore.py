@@ -78,6 +78,16 @@ class StudySlices:
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.folder is not None and self._path(key).is_file()
 
+    def held_by_other(self, owner: str, lease_s: float) -> bool:
+        """Whether another process than ``owner`` holds this study's lease (it analyses the study ahead)."""
+        if self.folder is None:
+            return False
+        path = self.folder / OWNER_FILE
+        try:
+            return path.read_text() not in ("", owner) and time.time() - path.stat().st_mtime < lease_s
+        except OSError:
+            return False
+
     def claim(self, owner: str, lease_s: float, now: float | None = None) -> bool:
         """Whether ``owner`` (a process) analyses this study's slices ahead: it holds the study's lease, or takes
         it because it is free or has not been renewed for ``lease_s`` (its holder stopped or died).

@@ -34,7 +34,7 @@ from db.models import (
     Study,
     utcnow,
 )
-from db.queue import claim_next_job, heartbeat
+from db.queue import claim_next_job, heartbeat, next_due_study
 from db.states import finish_job, make_delivery_due, postpone_job, set_delivery_state
 from node.loops import Loop
 from node.phi import redact, study_identifying_values
@@ -47,6 +47,8 @@ log = logging.getLogger("ainode.worker")
 
 #: A job postponed by a transient failure waits this long first, twice as long each time after, at most the cap.
 FIRST_POSTPONE_S = 10.0
+#: How long a worker leaves a due job to the process that analysed its study ahead (see Worker.defer).
+DEFER_S = 0.3
 MAX_POSTPONE_S = 600.0
 #: errno values of a full or failing disk: the spool will take the results again once space is freed.
 _TRANSIENT_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN}
@@ -73,6 +75,7 @@ class Worker:
         resolve: PeerResolver,
         worker_id: str,
         on_result: Callable[[], None] | None = None,
+        defer: Callable[[str], bool] | None = None,
     ) -> None:
         self.sessions = sessions
         self.spool = spool
@@ -80,9 +83,16 @@ class Worker:
         self.resolve = resolve
         self.worker_id = worker_id
         self.on_result = on_result
+        #: Whether another process is better placed for a study's job (it analysed the study ahead, and holds
+        #: its parsed headers): this worker then gives it DEFER_S to take the job first.
+        self.defer = defer
         self.current_job: int | None = None
 
     def run_once(self) -> bool:
+        if self.defer is not None:
+            study_uid = next_due_study(self.sessions)
+            if study_uid is not None and self.defer(study_uid):
+                time.sleep(DEFER_S)  # that process was woken too: it takes the job now if it is free
         job = claim_next_job(self.sessions, self.worker_id)
         if job is None:
             return False
