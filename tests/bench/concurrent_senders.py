@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, 
 import pydicom  # noqa: E402
 
 from tests.bench.bench_ingest import STORESCU, peak_rss_mb  # noqa: E402
-from tests.bench.load_senders import RssSampler, study_of_patient  # noqa: E402
+from tests.bench.load_senders import RssSampler, pss_mb, study_of_patient  # noqa: E402
 from tests.support.nodeproc import NodeProcess  # noqa: E402
 from tests.support.peers import StoreSCP, free_port  # noqa: E402
 
@@ -149,7 +149,7 @@ def main() -> None:
                 _, last, _ = send_at_once(node, {name: (uid, folder)})
                 arrived = wait_for_results(pacs, {name: (uid, folder)})
                 job_time = arrived[name] - last
-            samplers = [RssSampler(pid) for pid in pids]
+            samplers = [RssSampler(pid, measure=pss_mb if len(pids) > 1 else None) for pid in pids]
             for n in args.senders:
                 studies = {f"{p}-{n}": study_of_patient(work / f"s{n}-{p}", args.slices, f"{p}-{n}")
                            for p in patients[:n]}  # fmt: skip
@@ -178,7 +178,7 @@ def main() -> None:
           f"job-time): {batch_job_time:.2f} s")  # fmt: skip
     print(
         "senders | received in | last result after last instance | in job-times | in batch job-times | "
-        "studies/h | model-only bound (s) | (after last)/bound | mix-ups | peak RSS MB"
+        "studies/h | model-only bound (s) | (after last)/bound | mix-ups | peak MB (RSS; PSS summed over processes)"
     )
     for r in rows:
         print(f"{r['senders']:7d} | {r['received_s']:9.1f} s | {r['after_last_s']:29.1f} s | "

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, when run as a script
@@ -45,18 +46,36 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-class RssSampler:
-    """The resident memory of process ``pid``, sampled every ``every_s`` in a thread until :meth:`stop`."""
+def pss_mb(pid: int) -> float:
+    """The proportional set size of ``pid``: its private memory plus its share of what it shares (libraries, forks).
 
-    def __init__(self, pid: int, every_s: float = 0.5) -> None:
+    Summed over several processes it counts shared pages once, which resident sizes would count in each.
+    """
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class RssSampler:
+    """The resident memory of process ``pid``, sampled every ``every_s`` in a thread until :meth:`stop`.
+
+    ``measure``: :func:`rss_mb` (default) or :func:`pss_mb`, for processes whose sum is wanted.
+    """
+
+    def __init__(self, pid: int, every_s: float = 0.5, measure: Callable[[int], float] | None = None) -> None:
         self.pid, self.every_s = pid, every_s
+        self.measure = measure or rss_mb
         self.samples: list[float] = []
         self._stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append(rss_mb(self.pid))
+            self.samples.append(self.measure(self.pid))
             time.sleep(self.every_s)
 
     def stop(self) -> None:
