@@ -8,6 +8,7 @@ one transaction, together with one delivery row per destination.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import logging
@@ -17,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset
 from sqlalchemy import select
@@ -63,6 +65,22 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
+def release_freed_memory() -> None:
+    """Give the memory a job freed back to the system (glibc keeps freed heap pages, per thread arena, otherwise:
+    a worker process that analysed one 300-slice CT stayed at 770 MB). Nothing where glibc is not the allocator."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
 class Worker:
     """Runs jobs one at a time; several Workers (threads, processes, machines) share the queue."""
 
@@ -101,6 +119,7 @@ class Worker:
             self.process(job)
         finally:
             self.current_job = None
+            release_freed_memory()
         return True
 
     # -- one job ---------------------------------------------------------------------------
