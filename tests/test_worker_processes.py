@@ -10,7 +10,10 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
+from sqlalchemy import select
 
+from db.engine import make_engine, make_session_factory
+from db.models import Job, JobState
 from node.config import ConfigError, load_config
 from tests.support.nodeproc import NodeProcess, node_section
 from tests.support.peers import StoreSCP, storescu
@@ -96,3 +99,39 @@ def test_worker_processes_need_role_all(tmp_path: Path):
     path.write_text(yaml.safe_dump(_config(tmp_path, worker_processes=2, role="worker", port=None)))
     with pytest.raises(ConfigError, match="worker_processes .2. needs role all"):
         load_config(path)
+
+
+def test_a_job_whose_worker_process_is_killed_is_run_again_by_another_and_delivered_once(tmp_path: Path, ct_dir: Path):
+    pacs = StoreSCP(tmp_path / "pacs", aet="PACS")
+    config = {
+        "node": {**node_section(tmp_path), "worker_processes": 2, "workers": 1},
+        "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port, "outputs": ["seg", "sr"]},
+                  "scanner": {"ae_title": "CTSCANNER", "host": "127.0.0.1", "port": 1, "complete_on_release": True}},
+        "routes": [{"name": "ct", "match": {"Modality": "CT"}, "pipeline": "lung-seg", "destinations": ["pacs"],
+                    "stable_after_s": 600}],
+    }  # fmt: skip
+    sessions = make_session_factory(make_engine(config["node"]["database_url"]))
+    try:
+        with NodeProcess(config, tmp_path / "n", cli=True) as node:
+            assert node.proc is not None
+            wait_for(lambda: len(children(node.proc.pid)) == 2 or None, 60)
+            assert storescu(sorted(ct_dir.iterdir())[0], node.port, calling_ae="CTSCANNER").returncode == 0
+
+            def running_job_pid() -> int | None:
+                with sessions() as session:
+                    owner = session.scalars(select(Job.claimed_by).where(Job.state == JobState.RUNNING)).first()
+                return int(owner.split(":")[1]) if owner else None
+
+            victim = wait_for(running_job_pid, 60, step_s=0.02)
+            os.kill(victim, signal.SIGKILL)  # in the middle of the job
+            results = wait_for(lambda: pacs.received() if len(pacs.received()) >= 2 else None, 180)
+            # Run again by the other process (or the restarted one) and delivered once: one SEG and one SR.
+            modalities = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).Modality) for p in results)
+            assert modalities == ["SEG", "SR"]
+            with sessions() as session:
+                (job,) = session.scalars(select(Job)).all()
+                assert job.state == JobState.DONE and str(victim) not in (job.claimed_by or "")
+            assert "requeued" in node.log_text() or job.attempts >= 2
+            assert len(pacs.received()) == 2
+    finally:
+        pacs.stop()
