@@ -129,3 +129,30 @@ def test_a_uid_that_moves_to_another_study_series_or_patient_is_refused_and_the_
         assert event.detail == f"moved: SOP Instance UID already stored {where}"
     finally:
         receiver.stop()
+
+
+def test_an_instance_whose_file_went_missing_is_kept_again_when_resent_unless_it_names_another_patient(
+    tmp_path: Path, original: pydicom.Dataset
+) -> None:
+    receiver = start_receiver(tmp_path)
+    try:
+        assert send(receiver, original, tmp_path / "a.dcm").returncode == 0
+        (instance,) = receiver.instances().values()
+        path = receiver.spool.abspath(instance.path)
+        path.unlink()  # an operator, a disk repair: the row stays, its file is gone
+        other = pydicom.dcmread(tmp_path / "a.dcm")
+        other.PatientID = "SOMEONE-ELSE"
+        refused = send(receiver, other, tmp_path / "b.dcm")
+        assert refused.returncode != 0 and "DataSetDoesNotMatchSOPClass" in refused.stdout + refused.stderr
+        assert not path.exists(), "the other patient's instance is not kept in its place"
+
+        assert send(receiver, original, tmp_path / "c.dcm").returncode == 0
+        assert kept(receiver, original.SOPInstanceUID).PatientID == PATIENT
+        assert [e.detail for e in audit(receiver)] == [
+            "moved: SOP Instance UID already stored for another patient",
+            "replaced: the stored file was missing",
+        ]
+        with receiver.sessions() as session:
+            assert session.scalars(select(Study)).one().instance_count == 1
+    finally:
+        receiver.stop()

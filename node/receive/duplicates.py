@@ -121,14 +121,20 @@ def judge(
     transfer_syntax_uid: str,
     encoded_dataset: bytes | memoryview,
     policy: DuplicatePolicy,
+    stored_missing: bool = False,
 ) -> DuplicateDecision:
-    """Decide what a C-STORE of an already kept SOP Instance UID does (see the module's docstring)."""
+    """Decide what a C-STORE of an already kept SOP Instance UID does (see the module's docstring).
+
+    ``stored_missing``: the caller found no file at the stored path (and may have written one there since).
+    """
     if stored.study_instance_uid != study_instance_uid:
         return DuplicateDecision(Verdict.MOVED, "SOP Instance UID already stored in another study")
     if stored.series_instance_uid != series_instance_uid:
         return DuplicateDecision(Verdict.MOVED, "SOP Instance UID already stored in another series")
     if (stored.patient_id or "") != (patient_id or ""):
         return DuplicateDecision(Verdict.MOVED, "SOP Instance UID already stored for another patient")
+    if stored_missing:
+        return DuplicateDecision(Verdict.REPLACE, "the stored file was missing")
     try:
         kept = _dataset_bytes_of(stored_path)
     except OSError:

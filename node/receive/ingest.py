@@ -69,6 +69,14 @@ class ReceivedInstance:
         )
 
 
+class AlreadyIndexed(Exception):
+    """The SOP Instance UID has a row already, kept at ``relpath`` (raised when the caller expected a new one)."""
+
+    def __init__(self, relpath: str) -> None:
+        super().__init__(f"already indexed at {relpath}")
+        self.relpath = relpath
+
+
 @dataclass(frozen=True)
 class IndexOutcome:
     study_id: int
@@ -93,6 +101,7 @@ _INSERT_INSTANCE = text(
 _BUMP_STUDY = text(
     "UPDATE studies SET last_received_at = :now, instance_count = instance_count + :added WHERE id = :id"
 ).bindparams(bindparam("now", type_=UtcDateTime()))
+_INSTANCE_PATH = text("SELECT path FROM instances WHERE sop_instance_uid = :uid")
 _FIND_INSTANCE = text(
     "SELECT i.path, i.transfer_syntax_uid, s.series_instance_uid, st.study_instance_uid, st.patient_id"
     " FROM instances i JOIN series s ON s.id = i.series_id JOIN studies st ON st.id = s.study_id"
@@ -219,11 +228,14 @@ class InstanceIndex:
         association_id: int | None,
         now: datetime | None = None,
         replaced: bool = False,
+        expect_new: bool = False,
     ) -> IndexOutcome:
         """Index ``inst``, kept in the spool at ``relpath`` (``size_bytes`` long), in one committed transaction.
 
         ``replaced``: the file of an instance already indexed was replaced by changed content
         (``duplicates: replace``): the study treats it as new content, without counting another instance.
+        ``expect_new``: the caller did not look the UID up (no file at ``relpath``): a row already there raises
+        :class:`AlreadyIndexed`, and nothing of this transaction is kept.
         """
         now = now or utcnow()
         new_version = ignored = False
@@ -251,6 +263,9 @@ class InstanceIndex:
                     },
                 ),
             ).rowcount
+            if not inserted and expect_new:
+                kept_at = session.execute(_INSTANCE_PATH, {"uid": inst.sop_instance_uid}).scalar_one()
+                raise AlreadyIndexed(kept_at)  # rolls the transaction back
             if not inserted and not replaced:
                 # Same SOP Instance UID again, same content (the C-STORE handler checked): idempotent.
                 if not receiving:

@@ -31,7 +31,7 @@ from db.models import AuditEvent, Study, utcnow
 from node.audit import trail
 from node.receive.duplicates import DuplicateDecision, DuplicatePolicy, Verdict, judge
 from node.receive.encoding import EncodingProblem, decode
-from node.receive.ingest import InstanceIndex, ReceivedInstance
+from node.receive.ingest import AlreadyIndexed, InstanceIndex, ReceivedInstance
 from node.receive.spool import Spool, SpoolError, valid_uid
 from node.tls import describe_tls_error, handshake
 from pipelines.pixeldata import pixel_data_problem
@@ -695,6 +695,22 @@ class StorageSCP:
             log.error("C-STORE %s refused: %s", sop_uid, full)
             return _failure(OUT_OF_RESOURCES, full)
         relpath = Spool.instance_relpath(study_uid, series_uid, sop_uid)
+        rewritten = False
+        if not self.spool.exists(relpath):
+            # Almost every instance is new, with no file at its path: it is not looked up first (half a
+            # millisecond a C-STORE); the row's INSERT finds a UID kept already, and then it is judged below.
+            try:
+                size = self.spool.write_encoded(relpath, event.file_meta, encoded)
+            except SpoolError as exc:
+                log.error("C-STORE %s failed: spool: %s", sop_uid, exc)
+                return _failure(OUT_OF_RESOURCES, f"spool: {exc.strerror or exc}")
+            try:
+                return self._record(inst, relpath, size, state, replaced=False, expect_new=True)
+            except AlreadyIndexed as exc:
+                if exc.relpath != relpath:
+                    self.spool.remove(relpath)  # kept elsewhere (another study or series): no row points here
+                else:
+                    rewritten = True  # its file was missing: judged as such (another one is there now, ours)
         try:
             stored = self.index.find(sop_uid)
         except SQLAlchemyError as exc:
@@ -711,9 +727,12 @@ class StorageSCP:
                 transfer_syntax_uid=inst.transfer_syntax_uid,
                 encoded_dataset=encoded,
                 policy=self.duplicates,
+                stored_missing=rewritten,
             )
             self._audit_duplicate(state, sop_uid, decision)
             if decision.verdict is Verdict.MOVED:
+                if rewritten:
+                    self.spool.remove(relpath)  # written above where the stored file was missing: not kept
                 log.warning("C-STORE %s refused: %s", sop_uid, decision.detail)
                 return _failure(DATASET_MISMATCH, decision.detail)
             if decision.verdict is not Verdict.REPLACE:
@@ -730,8 +749,16 @@ class StorageSCP:
         return self._record(inst, relpath, size, state, replaced=replaced)
 
     def _record(
-        self, inst: ReceivedInstance, relpath: str, size: int, state: _AssocState | None, *, replaced: bool
+        self,
+        inst: ReceivedInstance,
+        relpath: str,
+        size: int,
+        state: _AssocState | None,
+        *,
+        replaced: bool,
+        expect_new: bool = False,
     ) -> int | Dataset:
+        """Index the instance; ``expect_new``: raise :class:`AlreadyIndexed` if its UID has a row already."""
         try:
             outcome = self.index.record(
                 inst,
@@ -741,6 +768,7 @@ class StorageSCP:
                 calling_host=state.host if state else None,
                 association_id=state.row_id if state else None,
                 replaced=replaced,
+                expect_new=expect_new,
             )
         except SQLAlchemyError as exc:
             log.error("C-STORE %s failed: database: %s", inst.sop_instance_uid, type(exc).__name__)

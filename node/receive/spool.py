@@ -91,6 +91,13 @@ class Spool:
         return self.root / relpath
 
     # -- writing ---------------------------------------------------------------------------
+    def exists(self, relpath: str) -> bool:
+        return (self.root / relpath).is_file()
+
+    def remove(self, relpath: str) -> None:
+        """Remove one file (one this process wrote and no row points to); its folder stays."""
+        (self.root / relpath).unlink(missing_ok=True)
+
     def write_encoded(self, relpath: str, file_meta: FileMetaDataset, encoded_dataset: bytes | memoryview) -> int:
         """Write a DICOM file from its File Meta Information and the dataset as received.
 
