@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -157,17 +158,33 @@ def run_pipeline(
     from pipelines.svm import assess_density
 
     task = model.manifest.task
-    try:
-        check_domain(model.manifest, volume, headers)
-        if task is Task.SEGMENTATION:
-            return segment(model, volume, batch_size, cache=slice_cache)
-        if task is Task.CLASSIFICATION:
-            return classify(model, volume)
-        if task is Task.SVM:
-            return assess_density(model, volume)
-    except NotAnalysable as exc:
-        return exc.outcome
-    raise ValueError(f"model {model.manifest.name}: no pipeline for task {task!r}")
+    if task not in (Task.SEGMENTATION, Task.CLASSIFICATION, Task.SVM):
+        raise ValueError(f"model {model.manifest.name}: no pipeline for task {task!r}")
+    # The domain check and the pipeline run at once (both mostly NumPy, which leaves the interpreter lock):
+    # a result counts only once the check has passed, and a refusal by the check is the outcome whatever the
+    # pipeline did, as if the check had run first.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="domain-check") as pool:
+        checked = pool.submit(check_domain, model.manifest, volume, headers)
+        try:
+            if task is Task.SEGMENTATION:
+                result: PipelineResult | NotAnalysed = segment(model, volume, batch_size, cache=slice_cache)
+            elif task is Task.CLASSIFICATION:
+                result = classify(model, volume)
+            else:
+                result = assess_density(model, volume)
+        except Exception as exc:
+            failed: Exception | None = exc
+        else:
+            failed = None
+        try:
+            checked.result()
+        except NotAnalysable as exc:
+            return exc.outcome
+    if isinstance(failed, NotAnalysable):
+        return failed.outcome
+    if failed is not None:
+        raise failed
+    return result
 
 
 class OnnxStudyRunner:
