@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, 
 import pydicom  # noqa: E402
 
 from tests.bench.bench_ingest import STORESCU, peak_rss_mb  # noqa: E402
-from tests.bench.load_senders import RssSampler, pss_mb, study_of_patient  # noqa: E402
+from tests.bench.load_senders import RssSampler, pss_mb, remove_work, study_of_patient  # noqa: E402
 from tests.support.nodeproc import NodeProcess  # noqa: E402
 from tests.support.peers import StoreSCP, free_port  # noqa: E402
 
@@ -172,6 +172,7 @@ def main() -> None:
             peak = sum(peak_rss_mb(pid) for pid in pids)
     finally:
         pacs.stop()
+        logs = remove_work(work)
     print(f"{args.slices}-slice CTs, {args.workers} workers, this machine's cores; model alone (all cores) "
           f"{bound_one:.2f} s per study; one study alone on the warm node: last result {job_time:.2f} s after "
           f"its last instance (one job-time); the same analysed only when complete (stream off, the batch "
@@ -188,7 +189,7 @@ def main() -> None:
               + (f"  ({r['failed']} senders failed, {r['arrived']} of {r['senders']} arrived)"
                  if r["failed"] or r["arrived"] < r["senders"] else ""))  # fmt: skip
     print(f"node peak memory (VmHWM, summed over its processes) over the whole run: {peak:.0f} MB; "
-          f"node log {work / 'node' / 'node.log'}")  # fmt: skip
+          f"node logs in {logs}")  # fmt: skip
 
 
 if __name__ == "__main__":

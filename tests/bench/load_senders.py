@@ -12,6 +12,7 @@ result, and the node's resident memory (after a warm-up study, and its peak). As
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,17 @@ def pss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def remove_work(work: Path) -> Path:
+    """Remove a benchmark's folder (several GB of studies, spool and results), keeping its logs; returns where."""
+    logs = work.with_name(f"{work.name}-logs")
+    for log in work.rglob("*.log"):
+        target = logs / log.relative_to(work)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(log, target)
+    shutil.rmtree(work, ignore_errors=True)
+    return logs
 
 
 class RssSampler:
@@ -148,7 +160,8 @@ def main() -> None:
                 stored = con.execute("SELECT count(*) FROM instances").fetchone()[0]
     finally:
         orthanc.stop()
-    print(f"{args.senders} senders x {args.slices} slices, different patients, at once:")
+        logs = remove_work(work)
+    print(f"{args.senders} senders x {args.slices} slices, different patients, at once (logs in {logs}):")
     print(f"  instances kept {stored - 30} of {args.senders * args.slices}; senders failed {failed_senders}")
     print(f"  jobs by state {jobs}; studies with SEG+SR in Orthanc {len(arrived)} of {len(studies)}; mix-ups {mixups}")
     print(f"  all instances received in {last_instance - started:.1f} s; last result "
