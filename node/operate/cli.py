@@ -81,6 +81,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config.api = None
     node = config.node
     setup_logging(node.log_level, tag=args.process_tag)
+    if node.role in ("all", "worker"):  # a receiver only routes: the models are the workers' business
+        problems = unknown_pipelines(config, model_names(config))
+        if problems:
+            raise ConfigError("\n".join(problems))
     children = None
     if node.role == "all" and node.worker_processes:
         # The jobs run in worker processes started here; this one receives (node/operate/supervise.py).
@@ -90,10 +94,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node.role = "receiver"
     elif node.role != "all":
         node.worker_processes = 0
-    if node.role in ("all", "worker"):  # a receiver only routes: the models are the workers' business
-        problems = unknown_pipelines(config, model_names(config))
-        if problems:
-            raise ConfigError("\n".join(problems))
     listener = tls_listener = api_listener = None
     # Every port is bound before the database, the spool or a worker is touched: a second node on a port
     # in use stops here, in one line.
