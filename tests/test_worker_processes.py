@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -15,6 +16,7 @@ from sqlalchemy import select
 from db.engine import make_engine, make_session_factory
 from db.models import Job, JobState
 from node.config import ConfigError, load_config
+from tests.support import REPO
 from tests.support.nodeproc import NodeProcess, node_section
 from tests.support.peers import StoreSCP, storescu
 from tests.support.waiting import wait_for
@@ -135,3 +137,15 @@ def test_a_job_whose_worker_process_is_killed_is_run_again_by_another_and_delive
             assert len(pacs.received()) == 2
     finally:
         pacs.stop()
+
+
+def test_a_node_with_worker_processes_and_a_route_to_an_unknown_model_stops_before_starting_them(tmp_path: Path):
+    config = _config(tmp_path, worker_processes=2)
+    config["routes"] = [{"name": "ct", "match": {"Modality": "CT"}, "pipeline": "lung-sge", "destinations": []}]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "node.operate.cli", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+    assert done.returncode == 2
+    assert "lung-sge" in done.stderr and "did you mean 'lung-seg'" in done.stderr
+    assert "worker process" not in done.stderr
