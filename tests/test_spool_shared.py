@@ -7,8 +7,10 @@ kept (it used to fail with 0xA700 until the process restarted).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -83,3 +85,42 @@ def test_c_store_succeeds_after_another_process_removed_the_study_folder(receive
     assert store(f"{series}.2") == 0x0000
     kept = receiver.instances()[f"{series}.2"]
     assert receiver.spool.abspath(kept.path).is_file()
+
+
+_WRITE_AND_HOLD = """
+import sys, time
+from pathlib import Path
+from node.receive.spool import temp_path
+tmp = temp_path(Path(sys.argv[1]) / "being-written.dcm")
+tmp.write_bytes(b"half an instance")
+print(tmp, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_starting_process_removes_only_the_temp_files_of_processes_that_stopped(tmp_path):
+    # Worker processes of a node, or the workers of a scaled-out one, start while a receiver writes into the
+    # same spool: its temp file is not theirs to remove (its C-STORE failed with "No such file" when it was).
+    spool = Spool(tmp_path / "spool")
+    folder = spool.root / STUDY
+    folder.mkdir(parents=True)
+    writer = subprocess.Popen([sys.executable, "-c", _WRITE_AND_HOLD, str(folder)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        in_progress = Path(writer.stdout.readline().strip())  # type: ignore[union-attr]
+        ended = subprocess.run([sys.executable, "-c", _WRITE_AND_HOLD.replace("time.sleep(60)", ""), str(folder)],
+                               cwd=REPO, capture_output=True, text=True, check=True)  # fmt: skip
+        left_by_a_dead_process = Path(ended.stdout.strip())
+        another_hosts = folder / "x.dcm.otherhost.123.abcd.part"
+        another_hosts.write_bytes(b"")
+        old = folder / "y.dcm.otherhost.456.abcd.part"
+        old.write_bytes(b"")
+        os.utime(old, (time.time() - 2 * 3600, time.time() - 2 * 3600))
+
+        assert Spool(tmp_path / "spool").remove_temp_files() == 2
+
+        assert in_progress.exists() and another_hosts.exists()
+        assert not left_by_a_dead_process.exists() and not old.exists()
+    finally:
+        writer.kill()
+        writer.wait()

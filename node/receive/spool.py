@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
+import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -27,6 +30,33 @@ RESULTS_DIR = "_results"
 #: Label rows of slices analysed while their study arrived (``node/work/slicestore.py``), by study.
 INFERENCE_DIR = "_inference"
 TMP_SUFFIX = ".part"
+#: A temp file older than this is left over whoever wrote it (no write takes that long: DIMSE timeouts).
+STALE_TEMP_S = 3600.0
+_HOST = socket.gethostname().replace(".", "-") or "host"
+
+
+def temp_path(final: Path) -> Path:
+    """Where to write ``final`` before renaming it into place: named after this host and process, so that a
+    process starting on a shared spool removes only what a dead process left (:meth:`Spool.remove_temp_files`)."""
+    return final.with_name(f"{final.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def _left_over(path: Path, now: float) -> bool:
+    """Whether the temp file at ``path`` was left by a process that stopped (or is too old to be in progress)."""
+    parts = path.name[: -len(TMP_SUFFIX)].rsplit(".", 3)
+    if len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit():
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            return True  # its process is gone
+        except PermissionError:
+            pass  # alive, another user's
+        else:
+            return False  # being written now, by a live process of this host
+    try:
+        return now - path.stat().st_mtime > STALE_TEMP_S  # another host's (shared spool), or an older name
+    except FileNotFoundError:
+        return False
 
 
 class SpoolError(OSError):
@@ -120,7 +150,7 @@ class Spool:
     def _write_atomically(self, relpath: str, body: Callable[[BinaryIO], None]) -> int:
         final = self.root / relpath
         directory = final.parent
-        tmp = final.with_name(f"{final.name}.{os.getpid()}.{id(body):x}{TMP_SUFFIX}")
+        tmp = temp_path(final)
         try:
             if directory not in self._known_dirs:
                 self._make_dir(directory)
@@ -178,9 +208,15 @@ class Spool:
                 yield path.relative_to(self.root).as_posix()
 
     def remove_temp_files(self) -> int:
-        """Delete temp files left by a process killed mid-write (they were never acknowledged)."""
+        """Delete temp files left by a process killed mid-write (they were never acknowledged).
+
+        Only those: other processes may be writing to the same spool now (a node's worker processes, the
+        receivers and workers of a scaled-out node), and their temp files are theirs.
+        """
         removed = 0
+        now = time.time()
         for path in self.root.rglob(f"*{TMP_SUFFIX}"):
-            path.unlink(missing_ok=True)
-            removed += 1
+            if _left_over(path, now):
+                path.unlink(missing_ok=True)
+                removed += 1
         return removed

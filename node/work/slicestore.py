@@ -17,7 +17,6 @@ import io
 import logging
 import os
 import re
-import secrets
 import shutil
 import time
 import zlib
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node.receive.spool import INFERENCE_DIR, TMP_SUFFIX, Spool, valid_uid
+from node.receive.spool import INFERENCE_DIR, Spool, temp_path, valid_uid
 
 log = logging.getLogger("ainode.prefetch")
 
@@ -66,7 +65,7 @@ class StudySlices:
         path = self._path(key)
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(rows), allow_pickle=False)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        tmp = temp_path(path)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(zlib.compress(buffer.getbuffer(), 1))
@@ -109,7 +108,7 @@ class StudySlices:
                     return True
                 if age < lease_s:
                     return False
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+                tmp = temp_path(path)
                 tmp.write_text(owner)
                 os.replace(tmp, path)  # two taking over at once both analyse for one pass: the same rows
                 log.debug("analysis ahead of study %s taken over from %s", self.folder.name, holder or "?")
