@@ -43,15 +43,20 @@ def _config(tmp_path: Path, **node: object) -> dict:
     return {"node": {**node_section(tmp_path), **node}, "routes": []}
 
 
-def test_a_lung_ct_is_analysed_in_a_worker_process_and_its_results_reach_the_pacs(tmp_path: Path, ct_dir: Path):
-    pacs = StoreSCP(tmp_path / "pacs", aet="PACS")
-    config = {
+def _lung_config(tmp_path: Path, pacs: StoreSCP) -> dict:
+    """2 worker processes of 1 thread; CT to lung-seg, complete when the scanner releases, SEG + SR to ``pacs``."""
+    return {
         "node": {**node_section(tmp_path), "worker_processes": 2, "workers": 1},
         "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port, "outputs": ["seg", "sr"]},
                   "scanner": {"ae_title": "CTSCANNER", "host": "127.0.0.1", "port": 1, "complete_on_release": True}},
         "routes": [{"name": "ct", "match": {"Modality": "CT"}, "pipeline": "lung-seg", "destinations": ["pacs"],
                     "stable_after_s": 600}],
     }  # fmt: skip
+
+
+def test_a_lung_ct_is_analysed_in_a_worker_process_and_its_results_reach_the_pacs(tmp_path: Path, ct_dir: Path):
+    pacs = StoreSCP(tmp_path / "pacs", aet="PACS")
+    config = _lung_config(tmp_path, pacs)
     series = sorted(ct_dir.iterdir())[0]
     try:
         with NodeProcess(config, tmp_path / "n", cli=True) as node:
@@ -105,13 +110,7 @@ def test_worker_processes_need_role_all(tmp_path: Path):
 
 def test_a_job_whose_worker_process_is_killed_is_run_again_by_another_and_delivered_once(tmp_path: Path, ct_dir: Path):
     pacs = StoreSCP(tmp_path / "pacs", aet="PACS")
-    config = {
-        "node": {**node_section(tmp_path), "worker_processes": 2, "workers": 1},
-        "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port, "outputs": ["seg", "sr"]},
-                  "scanner": {"ae_title": "CTSCANNER", "host": "127.0.0.1", "port": 1, "complete_on_release": True}},
-        "routes": [{"name": "ct", "match": {"Modality": "CT"}, "pipeline": "lung-seg", "destinations": ["pacs"],
-                    "stable_after_s": 600}],
-    }  # fmt: skip
+    config = _lung_config(tmp_path, pacs)
     sessions = make_session_factory(make_engine(config["node"]["database_url"]))
     try:
         with NodeProcess(config, tmp_path / "n", cli=True) as node:
