@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, 
 
 import pydicom  # noqa: E402
 
-from tests.bench.bench_ingest import STORESCU, peak_rss_mb  # noqa: E402
-from tests.bench.load_senders import RssSampler, pss_mb, remove_work, study_of_patient  # noqa: E402
+from tests.bench.bench_ingest import peak_rss_mb  # noqa: E402
+from tests.bench.load_senders import RssSampler, pss_mb, remove_work, send_at_once, study_of_patient  # noqa: E402
 from tests.support.nodeproc import NodeProcess  # noqa: E402
 from tests.support.peers import StoreSCP, free_port  # noqa: E402
 
@@ -74,18 +74,6 @@ def children(pid: int, count: int, timeout_s: float = 60) -> list[int]:
         if len(found) >= count or time.monotonic() > deadline:
             return [int(p) for p in found]
         time.sleep(0.2)
-
-
-def send_at_once(node: NodeProcess, studies: dict[str, tuple[str, Path]]) -> tuple[float, float, int]:
-    """All senders at once; returns (first instance sent, last instance acknowledged, failed senders)."""
-    started = time.time()
-    senders = [
-        subprocess.Popen([STORESCU, "-aet", f"SENDER{k}", "-aec", "AINODE", "+sd", "127.0.0.1", str(node.port),
-                          str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for k, (_, folder) in enumerate(studies.values())
-    ]  # fmt: skip
-    failed = sum(p.wait() != 0 for p in senders)
-    return started, time.time(), failed
 
 
 def wait_for_results(pacs: StoreSCP, studies: dict[str, tuple[str, Path]], timeout_s: float = 900) -> dict:
@@ -137,7 +125,7 @@ def main() -> None:
         with NodeProcess(batch_config, work / "node-batch", cli=True) as batch_node:
             for name in ("WARMB", "WARMB"):
                 uid, folder = study_of_patient(work / f"warmb-{time.time_ns()}", args.slices, name)
-                _, last, _ = send_at_once(batch_node, {name: (uid, folder)})
+                _, last, _ = send_at_once(batch_node.port, {name: (uid, folder)})
                 batch_job_time = wait_for_results(pacs, {name: (uid, folder)})[name] - last
         config["node"]["worker_processes"] = args.worker_processes
         with NodeProcess(config, work / "node", cli=True) as node:
@@ -146,7 +134,7 @@ def main() -> None:
             # Warm-up, then one study alone: the job-time the goal is counted in.
             for name in ("WARM", "WARM"):
                 uid, folder = study_of_patient(work / f"warm-{time.time_ns()}", args.slices, name)
-                _, last, _ = send_at_once(node, {name: (uid, folder)})
+                _, last, _ = send_at_once(node.port, {name: (uid, folder)})
                 arrived = wait_for_results(pacs, {name: (uid, folder)})
                 job_time = arrived[name] - last
             samplers = [RssSampler(pid, measure=pss_mb if len(pids) > 1 else None) for pid in pids]
@@ -155,7 +143,7 @@ def main() -> None:
                            for p in patients[:n]}  # fmt: skip
                 for sampler in samplers:
                     sampler.samples.clear()
-                first, last, failed = send_at_once(node, studies)
+                first, last, failed = send_at_once(node.port, studies)
                 arrived = wait_for_results(pacs, studies)
                 found = results_by_study(pacs)
                 mixups = sum(ds.PatientID != patient or ds.StudyInstanceUID != uid

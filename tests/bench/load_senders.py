@@ -61,6 +61,21 @@ def pss_mb(pid: int) -> float:
     return float("nan")
 
 
+def send_at_once(
+    port: int, studies: dict[str, tuple[str, Path]], calling_prefix: str = "SENDER"
+) -> tuple[float, float, int]:
+    """One DCMTK storescu per study, all at once, calling as ``<prefix><k>``; returns (first instance sent,
+    last instance acknowledged, failed senders)."""
+    started = time.time()
+    senders = [
+        subprocess.Popen([STORESCU, "-aet", f"{calling_prefix}{k}", "-aec", "AINODE", "+sd", "127.0.0.1", str(port),
+                          str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for k, (_, folder) in enumerate(studies.values())
+    ]  # fmt: skip
+    failed = sum(p.wait() != 0 for p in senders)
+    return started, time.time(), failed
+
+
 def remove_work(work: Path) -> Path:
     """Remove a benchmark's folder (several GB of studies, spool and results), keeping its logs; returns where."""
     logs = work.with_name(f"{work.name}-logs")
@@ -132,14 +147,7 @@ def main() -> None:
                 time.sleep(0.5)
             rss_warm = rss_mb(node.proc.pid)
             sampler = RssSampler(node.proc.pid)
-            started = time.time()
-            senders = [
-                subprocess.Popen([STORESCU, "-aet", f"CT{k}", "-aec", "AINODE", "+sd", "127.0.0.1", str(node.port),
-                                  str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                for k, (_, folder) in enumerate(studies.values())
-            ]  # fmt: skip
-            failed_senders = sum(p.wait() != 0 for p in senders)
-            last_instance = time.time()
+            started, last_instance, failed_senders = send_at_once(node.port, studies, calling_prefix="CT")
             arrived: dict[str, float] = {}
             deadline = time.time() + 900
             while len(arrived) < len(studies) and time.time() < deadline:
