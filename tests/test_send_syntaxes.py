@@ -8,6 +8,8 @@ a running ``ainode serve``. The outbox delivers results through the same ``node.
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,7 +36,9 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from pynetdicom.association import Association
 
+from node.deliver.scu import PeerAddress, store
 from tests.support.cli import ainode, write_config
 from tests.support.nodeproc import NodeProcess
 from tests.support.peers import DCMTK, OrthancServer, StoreSCP, free_port, htj2k_encode
@@ -252,6 +256,38 @@ def test_a_peer_that_aborts_the_store_is_named_in_each_files_line(tmp_path, stor
     # The abort may reach us before or after the second request went out: either way its line names it.
     assert second.startswith(f"{files[1]}: FAILED ") and "the peer aborted the association" in second
     assert total == "0 sent, 2 failed"
+
+
+@pytest.mark.parametrize("when", ["--abort-after", "--abort-during"])
+def test_an_abort_ends_the_wait_for_the_response_even_when_pynetdicoms_reactor_is_slow_to_pause(
+    storescp, monkeypatch, when
+):
+    # pynetdicom's reactor thread may pass its pause checkpoint just before a C-STORE pauses it;
+    # it then takes the abort's wake-up item off the DIMSE queue and the C-STORE waited its whole
+    # timeout (seen in loaded suite runs). Here the reactor is made slow after its checkpoint so the
+    # window is always open; the abort must still end the wait at once, not after the timeout.
+    original_init = Association.__init__
+
+    def slow_reactor(self: Association, *args: object, **kwargs: object) -> None:
+        original_init(self, *args, **kwargs)
+        checkpoint, passed = self._reactor_checkpoint, self._reactor_checkpoint.wait
+
+        def wait(*a: object, **k: object) -> bool:
+            result = passed(*a, **k)  # type: ignore[arg-type]
+            if threading.current_thread() is self:
+                time.sleep(0.05)
+            return result
+
+        checkpoint.wait = wait  # type: ignore[method-assign]
+
+    monkeypatch.setattr(Association, "__init__", slow_reactor)
+    scp = storescp(when)
+    files = [get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")]
+    started = time.monotonic()
+    outcomes = store("AINODE", PeerAddress(scp.aet, "127.0.0.1", scp.port), files, timeout_s=60)
+    assert time.monotonic() - started < 30, "the C-STORE waited out its DIMSE timeout after the abort"
+    assert [o.status for o in outcomes] == [None, None]
+    assert all("the peer aborted the association" in str(o.error) for o in outcomes), outcomes
 
 
 def test_echo_and_send_rejected_by_dcmtk_say_it_was_rejected_and_why(tmp_path, storescp):

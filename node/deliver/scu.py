@@ -127,7 +127,12 @@ class _Watch:
         self.last: object | None = None
 
     def handlers(self) -> list[Any]:
-        return [(evt.EVT_CONN_OPEN, self._opened), (evt.EVT_ACSE_RECV, self._received)]
+        return [
+            (evt.EVT_CONN_OPEN, self._opened),
+            (evt.EVT_ACSE_RECV, self._received),
+            (evt.EVT_ABORTED, self._aborted),
+            (evt.EVT_CONN_CLOSE, self._aborted),
+        ]
 
     def _opened(self, event: evt.Event) -> None:
         self.connected = True
@@ -135,6 +140,15 @@ class _Watch:
     def _received(self, event: evt.Event) -> None:
         # pynetdicom sets Event.primitive for EVT_ACSE_RECV at run time but does not declare it.
         self.last = event.primitive  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _aborted(event: evt.Event) -> None:
+        # pynetdicom wakes a DIMSE call waiting for its response with one (None, None) on the
+        # message queue when the association is aborted. Its reactor thread may take that item
+        # off the queue itself, in the moment between passing its pause checkpoint and pausing,
+        # and the call then waits out the whole DIMSE timeout. A second wake-up item ends the
+        # wait at once; a spare one is never read, as the association is over.
+        event.assoc.dimse.msg_queue.put((None, None))
 
     def ended(self, assoc: Association, waited_s: float, timeout_s: float) -> str:
         """Why an established association ended before an answer came."""
