@@ -17,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 from node.config import Config, ConfigError, delivery_warnings, display_database_url, load_config
-from node.operate.logs import setup_logging
+from node.operate.logs import exit_after_stop, setup_logging
 
 log = logging.getLogger("ainode")
 
@@ -142,7 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if children is not None:
         children.stop()
     log.info("stopped")
-    return 0
+    exit_after_stop(0)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

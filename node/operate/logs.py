@@ -7,8 +7,10 @@ PACS administrator without identifying the patient.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
+from typing import NoReturn
 
 #: Libraries whose INFO and WARNING records are chatter for a PACS administrator. pynetdicom logs
 #: every PDU, highdicom every module it copies, alembic every migration step; our own lines say what
@@ -85,3 +87,16 @@ def setup_logging(level: str = "INFO", tag: str | None = None) -> None:
     for name in LIBRARY_LOGGERS:
         # Dropped where they are made unless DEBUG is asked for; a library's errors still show.
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
+def exit_after_stop(code: int) -> NoReturn:
+    """End a stopped node's process now: logs flushed, without the interpreter's teardown.
+
+    Everything is stored and committed when the node has stopped; tearing down the loaded
+    libraries (ONNX Runtime, highdicom, ...) only adds about half a second to every stop,
+    restart and reload.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

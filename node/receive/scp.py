@@ -444,7 +444,10 @@ class StorageSCP:
         # As AE.start_server(block=False) does: the AE knows its servers, and server.shutdown() expects that.
         self.ae._servers.append(server)
         bound = int(server.server_address[1])
-        threading.Thread(target=server.serve_forever, name=f"dicom-acceptor:{bound}", daemon=True).start()
+        # A short poll: shutdown() waits for it, and a node stops (or reloads) without a pause.
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"dicom-acceptor:{bound}", daemon=True
+        ).start()
         self._servers.append(server)
         tls = " (DICOM TLS)" if ssl_context is not None else ""
         log.info("listening as %s on %s:%d%s", self.ae.ae_title, host, bound, tls)

@@ -9,7 +9,7 @@ import threading
 
 from node.app import NodeApp
 from node.config import load_config
-from node.operate.logs import setup_logging
+from node.operate.logs import exit_after_stop, setup_logging
 from tests.support.runners import ThumbnailRunner
 
 
@@ -29,6 +29,7 @@ def main() -> None:
     print("NODE READY", flush=True)
     stop.wait()
     app.stop()
+    exit_after_stop(0)
 
 
 if __name__ == "__main__":

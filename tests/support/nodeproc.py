@@ -75,7 +75,7 @@ def wait_for_echo(
         if assoc.is_established:
             assoc.release()
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise TimeoutError(f"node on port {port} did not answer C-ECHO within {timeout_s} s")
 
 
