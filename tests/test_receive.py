@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -218,3 +220,13 @@ def test_store_returns_failure_when_database_unavailable(tmp_path):
             assert len(r.instances()) == 2
         finally:
             r.stop()
+
+
+def test_the_listener_does_not_collect_garbage_every_few_seconds_between_c_stores(receiver, monkeypatch):
+    # pynetdicom's accept loop runs a full gc.collect() every 60 turns; each holds the interpreter in the
+    # middle of C-STOREs. The node polls its accept loop often (for a prompt stop), and must not collect
+    # more often than pynetdicom does at its own 0.5 s poll: once in 30 s.
+    collections: list[float] = []
+    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(time.monotonic()) or 0)
+    time.sleep(4)
+    assert collections == []

@@ -38,6 +38,9 @@ from pipelines.pixeldata import pixel_data_problem
 
 log = logging.getLogger("ainode.scp")
 
+#: How often the accept loop checks for shutdown (seconds).
+ACCEPT_POLL_S = 0.05
+
 # C-STORE statuses (PS3.4 Annex B.2.3).
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # disk full, database unavailable: the sender should retry later
@@ -253,6 +256,10 @@ class _ListeningServer(ThreadedAssociationServer):
         self._group.append(self)
         super().__init__(*args, **kwargs)
         self.contexts = _FastCopyContexts(self.contexts)
+        # pynetdicom runs a full gc.collect() every 60 turns of the accept loop (service_actions): every
+        # 30 s at socketserver's 0.5 s poll. At the 0.05 s poll of start() it would be every 3 s, and
+        # each one holds the interpreter for tens of milliseconds in the middle of C-STOREs: keep 30 s.
+        self._gc = [0, round(30 / ACCEPT_POLL_S) - 1]
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None  # bound in server_bind
@@ -446,7 +453,10 @@ class StorageSCP:
         bound = int(server.server_address[1])
         # A short poll: shutdown() waits for it, and a node stops (or reloads) without a pause.
         threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"dicom-acceptor:{bound}", daemon=True
+            target=server.serve_forever,
+            kwargs={"poll_interval": ACCEPT_POLL_S},
+            name=f"dicom-acceptor:{bound}",
+            daemon=True,
         ).start()
         self._servers.append(server)
         tls = " (DICOM TLS)" if ssl_context is not None else ""
