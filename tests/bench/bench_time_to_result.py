@@ -97,7 +97,7 @@ def one_run(
             "spool_dir": str(work / "spool"),
             "database_url": f"sqlite:///{work}/node.db",
             "workers": 1,
-            "log_level": "WARNING",
+            "log_level": "INFO",  # the job's line gives its steps (read, volume, model, write, store)
         },
         "peers": {
             "pacs": {
@@ -145,6 +145,8 @@ def one_run(
         if len(found) < 2:
             raise RuntimeError(f"results did not arrive: {found}\n{node.log_text()[-2000:]}")
         times = db_times(work / "node.db", study_uid)
+        steps = [line.split("done in", 1)[1].strip() for line in node.log_text().splitlines()
+                 if "done in" in line and study_uid in line]  # fmt: skip
     t_arrived = max(found.values())
     total = t_arrived - t_sent
     stability = max(0.0, times["job_created"] - times["last_received"])
@@ -158,6 +160,7 @@ def one_run(
         "pickup": times["job_started"] - times["job_created"],
         "job_other": times["job_total_s"] - model,
         "deliver": t_arrived - times["job_finished"],
+        "steps": steps[-1] if steps else "?",
     }
 
 
@@ -179,7 +182,7 @@ def main() -> None:
                 print(
                     f"round {r + 1} {row['mode']:>20}: total {row['total']:6.2f} s = stability {row['stability']:5.2f}"
                     f" + model {row['model']:5.2f} + rest {row['rest']:5.2f}  (rest: pickup {row['pickup']:.2f},"
-                    f" load/select/write {row['job_other']:.2f}, deliver {row['deliver']:.2f})",
+                    f" load/select/write {row['job_other']:.2f}, deliver {row['deliver']:.2f}); job {row['steps']}",
                     flush=True,
                 )
     best = min(rows, key=lambda x: x["rest"])
