@@ -132,7 +132,8 @@ class InstanceIndex:
     def __init__(self, sessions: sessionmaker[Session], late_instances: LatePolicy = "new-version") -> None:
         self.sessions = sessions
         bind = sessions.kw.get("bind")
-        assert isinstance(bind, Engine), "InstanceIndex needs a session factory bound to an engine"
+        if not isinstance(bind, Engine):
+            raise TypeError("InstanceIndex needs a session factory bound to an engine (db.engine.make_session_factory)")
         self._engine: Engine = bind
         self.late_instances = late_instances
         self._series_ids: dict[str, int] = {}
