@@ -87,15 +87,14 @@ def image_statistics(x01: np.ndarray, names: Sequence[str]) -> np.ndarray:
     if unknown:
         raise ValueError(f"unknown profile statistics {unknown}; known: {sorted(IMAGE_STATISTICS)}")
     x = np.clip(np.asarray(x01, np.float64), 0.0, 1.0)
-    if all(n in _INTENSITY_PERCENTILES for n in names):
-        # Percentiles of the input alone (the bundled lung model's profile): the smoothing and the gradient,
-        # most of this function's time, are not computed. The values are the same as with them.
-        alone = _batched(names, x, None)
-        return np.array([alone[n] for n in names], dtype=np.float64)
-    smooth = ndi.gaussian_filter(x, (0, SMOOTHING_PX, SMOOTHING_PX))
-    grad = np.hypot(np.gradient(smooth, axis=1), np.gradient(smooth, axis=2))
+    smooth = grad = None
+    if any(n not in _INTENSITY_PERCENTILES for n in names):
+        # Percentiles of the input alone (the bundled lung model's profile) need neither the smoothing nor
+        # the gradient, most of this function's time.
+        smooth = ndi.gaussian_filter(x, (0, SMOOTHING_PX, SMOOTHING_PX))
+        grad = np.hypot(np.gradient(smooth, axis=1), np.gradient(smooth, axis=2))
     batched = _batched(names, x, grad)
-    return np.array([batched[n] if n in batched else IMAGE_STATISTICS[n](x, smooth, grad) for n in names],
+    return np.array([batched[n] if n in batched else IMAGE_STATISTICS[n](x, smooth, grad) for n in names],  # type: ignore[arg-type]
                     dtype=np.float64)  # fmt: skip
 
 

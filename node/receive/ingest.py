@@ -144,7 +144,7 @@ class InstanceIndex:
 
     def _study_row(
         self,
-        session: Connection,
+        connection: Connection,
         inst: ReceivedInstance,
         calling_ae: str | None,
         calling_host: str | None,
@@ -152,11 +152,11 @@ class InstanceIndex:
     ) -> Row:
         # Lock the study row (PostgreSQL) so that concurrent associations of the same study
         # serialise their version decisions; SQLite's BEGIN IMMEDIATE already does.
-        query = _SELECT_STUDY_FOR_UPDATE if is_postgres(session) else _SELECT_STUDY
-        row = session.execute(query, {"uid": inst.study_instance_uid}).first()
+        query = _SELECT_STUDY_FOR_UPDATE if is_postgres(connection) else _SELECT_STUDY
+        row = connection.execute(query, {"uid": inst.study_instance_uid}).first()
         if row is None:
-            insert = _dialect_insert(session)
-            session.execute(
+            insert = _dialect_insert(connection)
+            connection.execute(
                 insert(Study)
                 .values(
                     study_instance_uid=inst.study_instance_uid,
@@ -172,24 +172,24 @@ class InstanceIndex:
                 )
                 .on_conflict_do_nothing(index_elements=["study_instance_uid"])
             )
-            row = session.execute(query, {"uid": inst.study_instance_uid}).one()
+            row = connection.execute(query, {"uid": inst.study_instance_uid}).one()
         return row
 
-    def _series_id(self, session: Connection, inst: ReceivedInstance, study_id: int) -> int:
+    def _series_id(self, connection: Connection, inst: ReceivedInstance, study_id: int) -> int:
         with self._lock:
             cached = self._series_ids.get(inst.series_instance_uid)
         if cached is not None:
             return cached
         query = select(Series.id).where(Series.series_instance_uid == inst.series_instance_uid)
-        series_id = session.execute(query).scalar_one_or_none()
+        series_id = connection.execute(query).scalar_one_or_none()
         if series_id is None:
-            insert = _dialect_insert(session)
-            session.execute(
+            insert = _dialect_insert(connection)
+            connection.execute(
                 insert(Series)
                 .values(study_id=study_id, series_instance_uid=inst.series_instance_uid, modality=inst.modality)
                 .on_conflict_do_nothing(index_elements=["series_instance_uid"])
             )
-            series_id = session.execute(query).scalar_one()
+            series_id = connection.execute(query).scalar_one()
         with self._lock:
             self._series_ids[inst.series_instance_uid] = series_id
         return series_id
@@ -248,18 +248,18 @@ class InstanceIndex:
         """
         now = now or utcnow()
         new_version = ignored = False
-        # A Connection, not an ORM Session: the statements are SQL already, and the session's bookkeeping
+        # A Connection, not an ORM Session: the statements are SQL already, and the connection's bookkeeping
         # was a third of the row's cost on the C-STORE's path.
-        with self._engine.begin() as session:
-            study = self._study_row(session, inst, calling_ae, calling_host, now)
+        with self._engine.begin() as connection:
+            study = self._study_row(connection, inst, calling_ae, calling_host, now)
             version = study.version
             receiving = study.state == StudyState.RECEIVING
             if not receiving and self.late_instances == "new-version":
                 version += 1
-            series_id = self._series_id(session, inst, study.id)
+            series_id = self._series_id(connection, inst, study.id)
             inserted = cast(
                 CursorResult[Any],
-                session.execute(
+                connection.execute(
                     _INSERT_INSTANCE,
                     {
                         "series_id": series_id,
@@ -275,7 +275,7 @@ class InstanceIndex:
                 ),
             ).rowcount
             if not inserted and expect_new:
-                kept_at = session.execute(_INSTANCE_PATH, {"uid": inst.sop_instance_uid}).scalar_one()
+                kept_at = connection.execute(_INSTANCE_PATH, {"uid": inst.sop_instance_uid}).scalar_one()
                 raise AlreadyIndexed(kept_at)  # rolls the transaction back
             if not inserted and not replaced:
                 # Same SOP Instance UID again, same content (the C-STORE handler checked): idempotent.
@@ -283,7 +283,7 @@ class InstanceIndex:
                     self._count_duplicate(association_id, inst.study_instance_uid, str(study.state))
                 return IndexOutcome(study.id, study.version, True, False, False)
             if not inserted:
-                session.execute(
+                connection.execute(
                     update(Instance)
                     .where(Instance.sop_instance_uid == inst.sop_instance_uid)
                     .values(size_bytes=size_bytes, received_at=now, association_id=association_id,
@@ -291,7 +291,7 @@ class InstanceIndex:
                 )  # fmt: skip
             added = 0 if replaced else 1
             if receiving:
-                session.execute(_BUMP_STUDY, {"now": now, "id": study.id, "added": added})
+                connection.execute(_BUMP_STUDY, {"now": now, "id": study.id, "added": added})
                 return IndexOutcome(study.id, version, False, False, False)
             # A late instance (or changed content): the study was complete already.
             values: dict[str, object] = {"last_received_at": now, "instance_count": Study.instance_count + added}
@@ -305,7 +305,7 @@ class InstanceIndex:
                 )
             else:
                 ignored = True
-            session.execute(update(Study).where(Study.id == study.id).values(**values))
+            connection.execute(update(Study).where(Study.id == study.id).values(**values))
         if new_version:
             log.info("study %s re-opened as version %d by a late instance", inst.study_instance_uid, version)
         elif ignored:

@@ -8,10 +8,12 @@ pixel decoding, no routing, no model on this path.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,6 +42,8 @@ log = logging.getLogger("ainode.scp")
 
 #: How often the accept loop checks for shutdown (seconds).
 ACCEPT_POLL_S = 0.05
+#: How often the accept loop runs a full garbage collection (seconds), as pynetdicom's at its default poll.
+GC_EVERY_S = 30.0
 
 # C-STORE statuses (PS3.4 Annex B.2.3).
 SUCCESS = 0x0000
@@ -256,10 +260,19 @@ class _ListeningServer(ThreadedAssociationServer):
         self._group.append(self)
         super().__init__(*args, **kwargs)
         self.contexts = _FastCopyContexts(self.contexts)
-        # pynetdicom runs a full gc.collect() every 60 turns of the accept loop (service_actions): every
-        # 30 s at socketserver's 0.5 s poll. At the 0.05 s poll of start() it would be every 3 s, and
-        # each one holds the interpreter for tens of milliseconds in the middle of C-STOREs: keep 30 s.
-        self._gc = [0, round(30 / ACCEPT_POLL_S) - 1]
+        self._collected_at = time.monotonic()
+
+    def service_actions(self) -> None:
+        """socketserver's hook on every turn of the accept loop: a full garbage collection every GC_EVERY_S.
+
+        pynetdicom's own runs one every 60 turns (it frees dead association threads): every 30 s at
+        socketserver's 0.5 s poll, but every 3 s at the node's 0.05 s one, each holding the interpreter for
+        tens of milliseconds in the middle of C-STOREs. Counted in seconds here, whatever the poll.
+        """
+        now = time.monotonic()
+        if now - self._collected_at >= GC_EVERY_S:
+            self._collected_at = now
+            gc.collect()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None  # bound in server_bind
