@@ -622,6 +622,8 @@ def test_a_node_reports_what_it_received_refused_sent_and_was_told_to_redo(tmp_p
 
             wait_for(lambda: arrived("110104", "C") and arrived("110113", "E") and arrived("110104", "R"), 60,
                      "the audit messages kept while the repository was down", node)  # fmt: skip
+            # The forwarder logs the outage's end after it has marked the events sent, a moment after they arrive.
+            wait_for(lambda: "reachable again" in node.log_text(), 30, "the outage's end logged", node)
             assert node.log_text().count("reachable again") == 1
 
             retried = ainode("jobs", "retry", "1", "--config", str(node.config_path))
