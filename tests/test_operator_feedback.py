@@ -69,7 +69,7 @@ def test_caller_outside_allowed_callers_is_rejected_with_that_reason(tmp_path):
     try:
         assert echoscu(r.port, called_ae="AINODE", calling_ae="INTRUDER").returncode != 0
         assert echoscu(r.port, called_ae="NOTME", calling_ae="INTRUDER").returncode != 0
-        reasons = [a.reason for a in r.associations()]
+        reasons = [a.reason for a in r.ended_associations(2)]
         assert reasons[0] == "calling AE title 'INTRUDER' from 127.0.0.1 not in allowed_callers"
         assert reasons[1] == (
             "called AE title 'NOTME' not recognised (this node is 'AINODE'), caller 'INTRUDER' from 127.0.0.1;"

@@ -43,7 +43,7 @@ def test_every_ct_instance_sent_by_storescu_is_acknowledged_and_kept(receiver, c
         source = pydicom.dcmread(original)
         assert stored.PixelData == source.PixelData
         assert stored.StudyInstanceUID == source.StudyInstanceUID
-    (assoc,) = receiver.associations()
+    (assoc,) = receiver.ended_associations(1)
     assert (assoc.calling_ae, assoc.outcome, assoc.stored, assoc.failed) == ("CTSCANNER", "released", len(sent), 0)
 
 
@@ -122,7 +122,7 @@ def test_instance_without_study_uid_is_refused_with_a_specific_status(receiver):
     assert result.returncode != 0
     assert "Error: DataSetDoesNotMatchSOPClass" in result.stdout + result.stderr  # status 0xA900
     assert receiver.instances() == {}
-    (assoc,) = receiver.associations()
+    (assoc,) = receiver.ended_associations(1)
     assert (assoc.stored, assoc.failed) == (0, 1)
 
 
@@ -149,7 +149,7 @@ def test_unknown_caller_is_rejected_and_audited(tmp_path):
         assert "Calling AE Title Not Recognized" in intruder.stderr + intruder.stdout
         # OTHER is allowed only from another host: from loopback it is an unknown caller.
         assert echoscu(r.port, called_ae="AINODE", calling_ae="OTHER").returncode != 0
-        outcomes = [(a.calling_ae, a.outcome) for a in r.associations()]
+        outcomes = [(a.calling_ae, a.outcome) for a in r.ended_associations(4)]
         assert ("INTRUDER", "rejected") in outcomes and ("OTHER", "rejected") in outcomes
         assert ("CTSCANNER", "released") in outcomes
     finally:

@@ -132,7 +132,7 @@ def test_a_ct_dataset_sent_on_an_mr_context_is_refused_as_a_sop_class_mismatch(r
 
     assert status == MISMATCH
     assert receiver.instances() == {}
-    (assoc,) = receiver.associations()
+    (assoc,) = receiver.ended_associations(1)
     assert (assoc.stored, assoc.failed) == (0, 1)
 
 

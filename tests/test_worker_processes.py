@@ -68,6 +68,8 @@ def test_a_lung_ct_is_analysed_in_a_worker_process_and_its_results_reach_the_pac
             results = wait_for(lambda: pacs.received() if len(pacs.received()) >= 2 else None, 180)
             modalities = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).Modality) for p in results)
             assert modalities == ["SEG", "SR"]
+            # The job's line follows its commit, after which the other process's outbox may already send.
+            wait_for(lambda: "done in" in node.log_text(), 10, "the job's line", node)
             log = node.log_text()
             done = [line for line in log.splitlines() if "done in" in line]
             assert len(done) == 1 and ("[worker-1]" in done[0] or "[worker-2]" in done[0]), done

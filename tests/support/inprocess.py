@@ -15,6 +15,7 @@ from node.receive.ingest import InstanceIndex
 from node.receive.scp import StorageSCP
 from node.receive.spool import Spool
 from tests.support.peers import free_port
+from tests.support.waiting import wait_for
 
 
 @dataclass
@@ -31,6 +32,15 @@ class Receiver:
     def associations(self) -> list[Association]:
         with self.sessions() as session:
             return list(session.scalars(select(Association).order_by(Association.id)))
+
+    def ended_associations(self, count: int, timeout_s: float = 10) -> list[Association]:
+        """The associations, once ``count`` have ended (their row is written after the peer has the answer)."""
+
+        def ended() -> list[Association] | None:
+            rows = self.associations()
+            return rows if len(rows) >= count and all(a.outcome != "accepted" for a in rows) else None
+
+        return wait_for(ended, timeout_s, f"{count} associations recorded as ended")
 
     def stop(self) -> None:
         self.scp.stop()
