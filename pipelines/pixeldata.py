@@ -11,8 +11,12 @@ A leaf module: it imports nothing of ``pipelines`` or ``node``.
 
 from __future__ import annotations
 
+import os
+
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 from pydicom.encaps import generate_fragments
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -33,6 +37,24 @@ def _count(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
     except (TypeError, ValueError, OverflowError):
         return None
     return number
+
+
+def _bytes_present(ds: Dataset, keyword: str) -> int:
+    """How many bytes of ``keyword``'s value there are, without reading a value that the reader deferred.
+
+    A deferred value (``dcmread(defer_size=...)``) is read from the file when the pixels are decoded: its
+    bytes are the length the element declares, as far as the file holds them. Reading them only to count
+    them would hold a whole series' pixel data at once, beside the volume it is decoded into.
+    """
+    raw = ds._dict.get(Tag(keyword))
+    filename = getattr(ds, "filename", None)
+    if isinstance(raw, RawDataElement) and raw.value is None and raw.length and isinstance(filename, str):
+        try:
+            return max(0, min(raw.length, os.path.getsize(filename) - raw.value_tell))
+        except OSError:
+            pass  # read it, and fail there if it is gone
+    value = ds[keyword].value
+    return len(value) if value is not None else 0
 
 
 def pixel_data_problem(ds: Dataset, transfer_syntax_uid: str | UID | None = None) -> str | None:
@@ -61,18 +83,17 @@ def pixel_data_problem(ds: Dataset, transfer_syntax_uid: str | UID | None = None
     assert rows and columns and samples and frames and bits  # checked just above, for the type checker
     if transfer_syntax_uid is None:
         transfer_syntax_uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    element = ds[keyword]
     syntax = UID(str(transfer_syntax_uid)) if transfer_syntax_uid else None
     if keyword == "PixelData" and syntax is not None and syntax.is_encapsulated:
         try:
             # The first item is the Basic Offset Table (PS3.5 A.4), possibly empty; every frame needs a fragment.
-            fragments = sum(1 for _ in generate_fragments(element.value)) - 1
+            fragments = sum(1 for _ in generate_fragments(ds[keyword].value)) - 1
         except (ValueError, TypeError) as exc:
             return f"encapsulated Pixel Data cannot be parsed ({type(exc).__name__})"
         if frames > max(fragments, 0):
             return f"Number of Frames is {frames} but the encapsulated Pixel Data has {fragments} fragment(s)"
         return None
-    present = len(element.value) if element.value is not None else 0
+    present = _bytes_present(ds, keyword)
     needed = (rows * columns * samples * frames * bits + 7) // 8
     if present < needed:
         return (

@@ -288,12 +288,10 @@ class OnnxStudyRunner:
             )
             datasets = [headers[chosen][i] for i in usable_instances(headers[chosen], manifest.task, modalities)]
             self._check_volume_size(datasets)
-            volume = load_volume(datasets)
+            # The writers need headers only (SC renders from the volume).
+            volume = load_volume(datasets, release_pixel_data=True)
         except NotAnalysable as exc:
             return RunOutcome(not_analysed=str(exc.outcome), selection=selection)
-        for ds in datasets:
-            # The volume holds the pixels now; the writers need headers only (SC renders from the volume).
-            ds.pop(0x7FE00010, None)
         steps["volume"] = time.monotonic() - t0 - steps["read"]
         cache = None
         if self.slice_cache is not None:

@@ -14,6 +14,7 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
     JPEG2000Lossless,
@@ -22,6 +23,7 @@ from pydicom.uid import (
 )
 
 from pipelines.notanalysed import NotAnalysable, NotAnalysedReason
+from pipelines.pixeldata import pixel_data_problem
 from pipelines.volume import load_volume
 from tests.support.peers import dcmtk
 from tests.support.series import (
@@ -239,3 +241,48 @@ def test_enhanced_multiframe_with_a_missing_frame_position_is_uneven_spacing() -
     ds = enhanced_ct([0.0, 2.5, 5.0, 10.0], noise(1, 4))
 
     assert _not_analysable([ds]).outcome.reason is NotAnalysedReason.UNEVEN_SPACING
+
+
+# -- pixel data read from the file only when decoded (a job's headers defer it) ----------------
+def _deferred(path: Path) -> Dataset:
+    return dcmread(path, defer_size=256)  # as pipelines.headercache.read_header, scaled to the test's small slices
+
+
+def test_a_file_cut_short_inside_its_pixel_data_is_undecodable_when_its_pixels_are_deferred(tmp_path: Path) -> None:
+    paths = [save(ds, tmp_path / f"{k}.dcm") for k, ds in enumerate(ct_series(3))]
+    whole = paths[1].read_bytes()
+    paths[1].write_bytes(whole[: len(whole) - SIZE * SIZE])  # half of a 16-bit slice's pixels gone
+    datasets = [_deferred(p) for p in paths]
+
+    # The header check counts the bytes the file holds, without reading them.
+    assert pixel_data_problem(datasets[1]) == (
+        f"PixelData has {SIZE * SIZE} bytes; Rows x Columns x Samples per Pixel x Number of Frames x Bits Allocated"
+        f" ({SIZE} x {SIZE} x 1 x 1 x 16 bits) need {2 * SIZE * SIZE}"
+    )
+    assert datasets[1]._dict[Tag("PixelData")].value is None
+    error = _not_analysable(datasets)
+    assert error.outcome.reason is NotAnalysedReason.UNDECODABLE
+    assert str(datasets[1].SOPInstanceUID) in error.outcome.detail
+
+
+def test_a_deferred_slice_declaring_more_frames_than_its_bytes_is_refused_before_its_frames_are_listed(
+    tmp_path: Path,
+) -> None:
+    ds = ct_series(1)[0]
+    ds.NumberOfFrames = 2147483647
+    error = _not_analysable([_deferred(save(ds, tmp_path / "huge.dcm"))])
+
+    assert error.outcome.reason is NotAnalysedReason.UNDECODABLE
+    assert "Number of Frames" in error.outcome.detail and "need" in error.outcome.detail
+
+
+def test_released_pixel_data_leaves_the_datasets_and_the_volume_is_the_same(tmp_path: Path) -> None:
+    paths = [save(ds, tmp_path / f"{k}.dcm") for k, ds in enumerate(ct_series(4))]
+    kept = load_volume([_deferred(p) for p in paths])
+    datasets = [_deferred(p) for p in paths]
+
+    released = load_volume(datasets, release_pixel_data=True)
+
+    assert np.array_equal(released.pixels, kept.pixels) and released.pixels.dtype == kept.pixels.dtype
+    assert not any("PixelData" in ds for ds in datasets)
+    assert all("ImagePositionPatient" in ds for ds in datasets)  # the headers stay
