@@ -19,7 +19,8 @@ from pydicom.encaps import generate_fragments
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: The elements that can hold an instance's pixels.
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: Bits per sample of the float pixel data elements (their Bits Allocated is fixed).
 _FLOAT_BITS = {"FloatPixelData": 32, "DoubleFloatPixelData": 64}
 
@@ -70,7 +71,7 @@ def pixel_data_problem(ds: Dataset, transfer_syntax_uid: str | UID | None = None
         How the dataset is encoded (the presentation context's syntax on the network); by default its
         File Meta Information's.
     """
-    keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
+    keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
     if keyword is None:
         return None
     rows, columns = _count(ds, "Rows"), _count(ds, "Columns")

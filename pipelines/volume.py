@@ -27,7 +27,7 @@ from pydicom import Dataset, dcmread
 from pydicom.pixels import pixel_array
 
 from pipelines.notanalysed import NotAnalysable, NotAnalysedReason
-from pipelines.pixeldata import pixel_data_problem
+from pipelines.pixeldata import PIXEL_KEYWORDS, pixel_data_problem
 
 #: Modalities whose images are slices of a volume: without patient geometry they cannot be placed.
 CROSS_SECTIONAL = frozenset({"CT", "MR", "PT"})
@@ -387,10 +387,6 @@ def _place_without_geometry(frames: Sequence[_Frame], first: Dataset) -> _Placem
     return _Placement(list(frames), np.zeros(3), step, row_dir, col_dir, normal)
 
 
-#: The elements that hold an instance's pixels (integer, float, double float).
-PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
-
-
 def _decode_slices(
     items: Sequence[Dataset], frames: Sequence[_Frame], rows: int, cols: int, *, release: bool = False
 ) -> np.ndarray:
@@ -431,8 +427,8 @@ def _decode_slices(
             else:
                 dest[...] = plane
         if release:
-            for tag in PIXEL_DATA_TAGS:
-                ds.pop(tag, None)
+            for keyword in PIXEL_KEYWORDS:
+                ds.pop(keyword, None)
 
     # Instances decode on every core (decoders and NumPy release the GIL); each writes its own slots.
     with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1)) as pool:
