@@ -41,8 +41,8 @@ from node.receive.retention import Retention
 from node.receive.scp import AssociationLimits, ListenError, StorageSCP, known_hosts, listen
 from node.receive.spool import Spool
 from node.tls import NodeTLS, https_context
-from node.work.destinations import make_resolver
-from node.work.prefetch import LEASE_S, Prefetcher
+from node.work.destinations import make_resolver, resolve_destinations, wanted_outputs
+from node.work.prefetch import LEASE_S, Prefetcher, PreparesAhead
 from node.work.slicestore import SliceStore
 from node.work.worker import Worker, WorkerPool
 from pipelines.headercache import HeaderCache
@@ -123,6 +123,12 @@ class NodeApp:
         return study_runner_from_config(
             self.config, self.slice_store.study if self.slice_store is not None else None, headers=self.headers
         )
+
+    def _route_outputs(self, route: str, sender_ae: str | None, sender_host: str | None) -> frozenset[str]:
+        """The kinds of result object a job of ``route`` makes for this sender (what the worker will resolve)."""
+        names = next((r.destinations for r in self.config.routes if r.name == route), [])
+        destinations, _ = resolve_destinations(make_resolver(self.config), names, sender_ae, sender_host)
+        return wanted_outputs(destinations)
 
     def backoff(self) -> Backoff:
         d = self.config.delivery
@@ -255,6 +261,8 @@ class NodeApp:
                     idle=lambda: pool.idle,
                     headers=getattr(runner, "headers", None),
                     owner=self.identity,
+                    prepare=runner if isinstance(runner, PreparesAhead) else None,
+                    route_outputs=self._route_outputs,
                 )
             self.outbox_thread = outbox_loop(self.make_outbox())
             self.outbox_thread.start()

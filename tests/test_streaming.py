@@ -251,6 +251,23 @@ def _lung_node(tmp_path: Path, clock: Clock, **node: object):
     return build_node(tmp_path, clock, config)
 
 
+def _store_replaced(node, ds: Dataset, now) -> None:
+    """``ds`` stored again under its UIDs with other content (the C-STORE handler with ``duplicates: replace``)."""
+    inst = ReceivedInstance.from_header(ds)
+    relpath = Spool.instance_relpath(inst.study_instance_uid, inst.series_instance_uid, inst.sop_instance_uid)
+    size = node.spool.write_dataset(relpath, ds)
+    node.index.record(inst, relpath=relpath, size_bytes=size, calling_ae="CT1", calling_host="127.0.0.1",
+                      association_id=None, now=now, replaced=True)  # fmt: skip
+
+
+def _spooled(node) -> dict[str, list[Path]]:
+    """What the node's spool holds of the study, by series: the files a job is given."""
+    spooled: dict[str, list[Path]] = {}
+    for instance in node.instances():
+        spooled.setdefault(instance.path.split("/")[1], []).append(node.spool.abspath(instance.path))
+    return spooled
+
+
 def test_node_analyses_slices_ahead_uses_them_for_the_job_and_removes_them_when_processed(
     tmp_path, batch_runner, batch_outcome, study_files
 ):
@@ -278,12 +295,7 @@ def test_node_analyses_slices_ahead_uses_them_for_the_job_and_removes_them_when_
         pass
     assert prefetcher.slices_analysed == 30
     # One slice is sent again with other pixels: it is read again, its stale rows stay unused.
-    replaced = _with_other_pixels(copy.deepcopy(datasets[0]), None)
-    inst = ReceivedInstance.from_header(replaced)
-    relpath = Spool.instance_relpath(inst.study_instance_uid, inst.series_instance_uid, inst.sop_instance_uid)
-    size = node.spool.write_dataset(relpath, replaced)
-    node.index.record(inst, relpath=relpath, size_bytes=size, calling_ae="CT1", calling_host="127.0.0.1",
-                      association_id=None, now=clock.advance(1), replaced=True)  # fmt: skip
+    _store_replaced(node, _with_other_pixels(copy.deepcopy(datasets[0]), None), clock.advance(1))
     # The rest arrives.
     node.receive(datasets[30:])
     node.assembler.tick(now=clock.advance(1))
@@ -310,10 +322,7 @@ def test_node_analyses_slices_ahead_uses_them_for_the_job_and_removes_them_when_
     # replaced one as stored now: its old header is another file's, by inode and time).
     assert (headers.misses, headers.hits) == (parsed_ahead, 60)
     # The replaced slice changes the result: the reference is the batch path on what the spool holds now.
-    spooled: dict[str, list[Path]] = {}
-    for instance in node.instances():
-        spooled.setdefault(instance.path.split("/")[1], []).append(node.spool.abspath(instance.path))
-    reference = batch_runner.run("lung-seg", spooled, OUTPUTS)
+    reference = batch_runner.run("lung-seg", _spooled(node), OUTPUTS)
     assert_same_results(outcome, reference)
     assert not np.array_equal(reference.datasets[0].pixel_array, batch_outcome.datasets[0].pixel_array)
 
@@ -383,11 +392,12 @@ def test_node_analyses_the_real_ct_while_it_arrives_and_sends_the_batch_results(
         "node": node_section(tmp_path),
         "peers": {"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port, "outputs": ["seg", "sr"]}},
         "routes": [{"name": "ct-lungs", "match": {"Modality": "CT"}, "pipeline": "lung-seg",
-                    "destinations": ["pacs"], "stable_after_s": 4}],
+                    "destinations": ["pacs"], "stable_after_s": 6}],
         "delivery": {"initial_delay_s": 0.5, "factor": 2, "max_delay_s": 2},
     }  # fmt: skip
     try:
         with NodeProcess(config, tmp_path / "n", cli=True) as node:
+            # A scanner: the study is complete after 6 s quiet, by then its results are made (or being made).
             assert storescu(ct_dir, node.port, calling_ae="CTSCANNER").returncode == 0
             wait_for(lambda: len(pacs.received()) >= 2, timeout_s=240, what="SEG and SR at the PACS", node=node)
             log = node.log_text()
@@ -398,6 +408,10 @@ def test_node_analyses_the_real_ct_while_it_arrives_and_sends_the_batch_results(
     reused = re.search(r"job \d+ study [0-9.]+: (\d+) of (\d+) slices analysed while the study arrived", log)
     assert reused is not None, log[-3000:]
     assert int(reused[2]) == 30 and 0 <= int(reused[1]) <= 30
+    # Made ahead while the study was quiet, and taken by its job: 6 s leave the node ample time to analyse
+    # 60 slices and make the results of 30 (under 1 s each alone on 2 cores).
+    assert re.search(r"study [0-9.]+: results made ahead in [0-9.]+ s", log), log[-3000:]
+    assert re.search(r"job \d+ study [0-9.]+: results prepared while the study was quiet", log), log[-3000:]
 
     received = sorted(_datasets(pacs.received()), key=lambda ds: str(ds.Modality))
     series: dict[str, list[Path]] = {}
@@ -460,3 +474,163 @@ def test_of_two_worker_processes_sharing_the_spool_one_analyses_a_study_ahead_un
         pass
     assert second.slices_analysed == 10
     assert first.step(clock.now) is False  # and the first one, back, leaves it to its new holder
+
+
+# -- results made ahead while a study is quiet (the stability wait of a scanner that sends with gaps) ---------
+def _copied(study_files: dict[str, list[Path]], folder: Path) -> dict[str, list[Path]]:
+    """The study's files copied where a test may replace them (as the spool does: a new file renamed over)."""
+    copies: dict[str, list[Path]] = {}
+    for series_uid, files in study_files.items():
+        (folder / files[0].parent.name).mkdir(parents=True)
+        copies[series_uid] = []
+        for path in files:
+            target = folder / path.parent.name / path.name
+            target.write_bytes(path.read_bytes())
+            copies[series_uid].append(target)
+    return copies
+
+
+def _replace(path: Path, ds: Dataset) -> None:
+    part = path.with_suffix(".part")
+    ds.save_as(part, enforce_file_format=True)
+    part.replace(path)
+
+
+def test_results_made_ahead_are_the_batch_results_and_are_taken_only_for_the_very_same_files(
+    batch_runner, study_files, batch_outcome, tmp_path
+):
+    files = _copied(study_files, tmp_path / "study")
+    runner = OnnxStudyRunner(batch_runner.registry, batch_runner.equipment)
+    study_uid = str(batch_outcome.datasets[0].StudyInstanceUID)
+
+    # Made ahead, then taken by the run of the same input: the batch results, same UIDs.
+    assert runner.prepare(study_uid, "lung-seg", files, OUTPUTS, go_on=lambda: True)
+    taken = runner.run("lung-seg", files, sorted(OUTPUTS))  # the same kinds, in any order
+    assert taken.prepared and taken.steps_s  # the steps it took ahead, for the job's log
+    assert_same_results(taken, batch_outcome)
+    # Taken once: the next run analyses again.
+    assert not runner.run("lung-seg", files, OUTPUTS).prepared
+
+    # Another input misses: other kinds wanted, a slice replaced (here by the same bytes: a new file all the
+    # same), an instance that arrived after the results were made, one that is gone since.
+    assert runner.prepare(study_uid, "lung-seg", files, OUTPUTS, go_on=lambda: True)
+    assert not runner.run("lung-seg", files, {"seg"}).prepared
+    chosen = _chosen(files)
+    _replace(chosen[3], pydicom.dcmread(chosen[3]))
+    assert not runner.run("lung-seg", files, OUTPUTS).prepared
+    assert runner.forget_prepared(()) == 1  # what was made for the replaced file stays unused
+    fewer = {uid: paths[:-1] if paths is chosen else paths for uid, paths in files.items()}
+    assert runner.prepare(study_uid, "lung-seg", fewer, OUTPUTS, go_on=lambda: True)
+    assert not runner.run("lung-seg", files, OUTPUTS).prepared  # the last slice arrived since
+    assert runner.forget_prepared(()) == 1
+    assert runner.prepare(study_uid, "lung-seg", files, OUTPUTS, go_on=lambda: True)
+    assert not runner.run("lung-seg", fewer, OUTPUTS).prepared
+    assert runner.forget_prepared(()) == 1
+
+    # Decisive: a duplicate stored again with other pixels after the results were made ahead. The stale
+    # results differ from the right ones, and the run gives the right ones.
+    assert runner.prepare(study_uid, "lung-seg", files, OUTPUTS, go_on=lambda: True)
+    _replace(chosen[15], _with_other_pixels(pydicom.dcmread(chosen[15]), None))
+    after = runner.run("lung-seg", files, OUTPUTS)
+    assert not after.prepared
+    assert not np.array_equal(after.datasets[0].pixel_array, batch_outcome.datasets[0].pixel_array)
+    assert_same_results(after, batch_runner.run("lung-seg", files, OUTPUTS))
+    # Studies no longer open lose what was made for them.
+    assert runner.forget_prepared({"1.2.3.other"}) == 1
+
+
+def test_a_preparation_gives_up_when_a_job_needs_the_machine_but_not_when_its_own_job_waits_for_it(
+    batch_runner, study_files, batch_outcome
+):
+    import threading
+
+    runner = OnnxStudyRunner(batch_runner.registry, batch_runner.equipment)
+    study_uid = str(batch_outcome.datasets[0].StudyInstanceUID)
+    # Told to stop at its first check: nothing is kept, the run analyses.
+    assert not runner.prepare(study_uid, "lung-seg", study_files, OUTPUTS, go_on=lambda: False)
+    assert not runner.run("lung-seg", study_files, OUTPUTS).prepared
+
+    # Under way when the study's own job runs: the job waits for it, and the preparation goes on although
+    # its go_on now says "a job needs the machine" (that job is the one waiting).
+    checked, job_waits = threading.Event(), threading.Event()
+
+    def go_on() -> bool:
+        checked.set()
+        job_waits.wait(60)
+        return False
+
+    made: list[bool] = []
+    ahead = threading.Thread(
+        target=lambda: made.append(runner.prepare(study_uid, "lung-seg", study_files, OUTPUTS, go_on=go_on))
+    )
+    ahead.start()
+    assert checked.wait(60)
+    outcomes: list[RunOutcome] = []
+    job = threading.Thread(target=lambda: outcomes.append(runner.run("lung-seg", study_files, OUTPUTS)))
+    job.start()
+    wait_for(lambda: bool(runner._awaited), timeout_s=30, what="the job waiting for the preparation")
+    job_waits.set()
+    ahead.join(120)
+    job.join(120)
+    assert made == [True]
+    (outcome,) = outcomes
+    assert outcome.prepared
+    # Made in the preparation's thread, stored from the job's, as the worker does (written, not copied).
+    stored = []
+    for ds in outcome.datasets:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        stored.append(pydicom.dcmread(io.BytesIO(buffer.getvalue())))
+    assert_same_results(RunOutcome(datasets=stored), batch_outcome)
+
+
+def test_node_makes_a_quiet_studys_results_ahead_and_its_job_takes_them_only_if_nothing_arrived_since(
+    tmp_path, batch_runner, batch_outcome, study_files
+):
+    clock = Clock()
+    node = _lung_node(tmp_path, clock)
+    store, headers = SliceStore(node.spool), HeaderCache()
+    runner = OnnxStudyRunner(batch_runner.registry, batch_runner.equipment, slice_cache=store.study, headers=headers)
+    prefetcher = Prefetcher(sessions=node.sessions, spool=node.spool, store=store, model=batch_runner.registry.get,
+                            routes={"ct": "lung-seg"}, idle=lambda: True, headers=headers, prepare=runner,
+                            route_outputs=lambda route, ae, host: OUTPUTS)  # fmt: skip
+    outcomes: list[RunOutcome] = []
+
+    class Recording:
+        def run(self, pipeline, series_files, outputs):
+            outcomes.append(runner.run(pipeline, series_files, outputs))
+            return outcomes[-1]
+
+    # A scanner sends the study but the last slice of the chosen series, then pauses (a gap).
+    late = max(
+        _chosen(study_files), key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
+    )
+    node.receive([pydicom.dcmread(p) for files in study_files.values() for p in files if p != late])
+    node.assembler.tick(now=clock.advance(0.1))
+    while prefetcher.step(clock.now):
+        pass
+    assert prefetcher.slices_analysed == 59 and prefetcher.prepared == 0  # not quiet long enough yet
+    assert prefetcher.step(clock.advance(1)) is True and prefetcher.prepared == 1  # quiet: made ahead
+    assert prefetcher.step(clock.now) is False  # once for the same arrivals
+
+    # The last slice comes after the gap; the study is complete before anything is analysed ahead again.
+    node.receive([pydicom.dcmread(late)])
+    assert node.assembler.tick(now=clock.advance(10))
+    assert node.worker(runner=Recording()).run_once()
+    assert not outcomes[-1].prepared  # made from 29 slices of the series: never taken for 30
+    assert_same_results(outcomes[-1], batch_outcome)
+
+    # A slice with lung in it is sent again with other pixels: a new version of the study. Quiet long enough,
+    # its results are made ahead, and its job takes them: those of the files the spool holds now.
+    _store_replaced(node, _with_other_pixels(pydicom.dcmread(_chosen(study_files)[15]), None), clock.now)
+    node.assembler.tick(now=clock.advance(0.1))
+    while prefetcher.step(clock.now):
+        pass
+    assert prefetcher.prepared == 1
+    assert prefetcher.step(clock.advance(1)) is True and prefetcher.prepared == 2
+    assert node.assembler.tick(now=clock.advance(10))
+    assert node.worker(runner=Recording()).run_once()
+    assert outcomes[-1].prepared
+    assert_same_results(outcomes[-1], batch_runner.run("lung-seg", _spooled(node), OUTPUTS))
+    assert not np.array_equal(outcomes[-1].datasets[0].pixel_array, batch_outcome.datasets[0].pixel_array)
+    assert [job.state.value for job in node.jobs()] == ["done", "done"]

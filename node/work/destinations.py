@@ -7,7 +7,7 @@ A peer with ``dicomweb`` is a STOW-RS destination: its address is shown as DICOM
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from node.config import Config, DicomWebTarget, Peer
@@ -59,3 +59,28 @@ def make_resolver(config: Config) -> Callable[[str, str | None, str | None], Des
         return Destination(peer_name, peer.ae_title, peer.host, peer.port, outputs)
 
     return resolve
+
+
+def resolve_destinations(
+    resolve: PeerResolver, names: Iterable[str], sender_ae: str | None, sender_host: str | None
+) -> tuple[list[Destination], list[tuple[str, str]]]:
+    """A job's destinations resolved now, and the names that could not be, each with why."""
+    resolved: list[Destination] = []
+    unresolved: list[tuple[str, str]] = []
+    for name in names:
+        try:
+            resolved.append(resolve(name, sender_ae, sender_host))
+        except DestinationError as exc:
+            unresolved.append((name, str(exc)))
+    return resolved, unresolved
+
+
+#: What a job makes when none of its destinations resolves (they wait for a peer: SEG and SR, the node's own).
+NO_DESTINATION_OUTPUTS = frozenset({"seg", "sr"})
+
+
+def wanted_outputs(destinations: Sequence[Destination]) -> frozenset[str]:
+    """The kinds of result object a job makes: those its destinations take, or SEG and SR when none resolved."""
+    if not destinations:
+        return NO_DESTINATION_OUTPUTS
+    return frozenset().union(*(d.outputs for d in destinations))

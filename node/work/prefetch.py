@@ -11,14 +11,24 @@ It yields to real work: a pass runs only while this process's workers are idle, 
 before each batch, so a job that arrives waits at most one batch. What it does not manage (a
 failure, a slice it skipped, a job that came first) the job computes itself; its errors are logged at
 DEBUG and fail nothing.
+
+Once every slice of a study is analysed and the study has been quiet for a moment (``prepare_after_s``),
+the loop also makes the job's whole outcome ahead: the same runner call on the same files the job will be
+given, with the outputs its destinations take (:meth:`pipelines.study.OnnxStudyRunner.prepare`). A scanner
+that sends with gaps then has its results made when the stability wait ends; the job takes them only if
+its input is exactly the one they were made from, and otherwise analyses the study as usual. A
+preparation gives up between steps when a job needs the machine or an instance arrives; each time it
+did, that study waits twice as long before the next try.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import Instance, Series, Study, StudyState, utcnow
 from node.receive.spool import Spool
 from node.work.slicestore import SliceStore
+from node.work.worker import study_files
 
 if TYPE_CHECKING:
     from pipelines.headercache import HeaderCache
@@ -46,6 +57,30 @@ MAX_AGE = timedelta(days=1)
 AGE_CHECK_EVERY = timedelta(minutes=10)
 #: A process that analyses a study ahead renews its lease every pass; another takes it over this long after.
 LEASE_S = 30.0
+#: A study whose slices are all analysed has its results made ahead once it has been quiet this long.
+PREPARE_AFTER_S = 0.3
+#: After a preparation that had to give up, the study waits twice as long before the next try, at most this.
+MAX_PREPARE_AFTER_S = 30.0
+
+
+@runtime_checkable
+class PreparesAhead(Protocol):
+    """What makes a job's results ahead (the node's :class:`~pipelines.study.OnnxStudyRunner`)."""
+
+    def prepare(
+        self,
+        study_uid: str,
+        pipeline: str,
+        series_files: Mapping[str, Sequence[Path]],
+        outputs: Iterable[str],
+        go_on: Callable[[], bool],
+    ) -> bool: ...
+
+    def forget_prepared(self, keep: Iterable[str]) -> int: ...
+
+
+#: The kinds of result object a job of a route makes for a study of this sender (AE title, host).
+RouteOutputs = Callable[[str, str | None, str | None], Iterable[str]]
 
 
 class Prefetcher:
@@ -69,6 +104,10 @@ class Prefetcher:
         This process (its identity): of several worker processes sharing the spool (scale-out), one analyses
         each study ahead, the one that holds its lease (:meth:`~node.work.slicestore.StudySlices.claim`);
         None: every study is analysed here.
+    prepare, route_outputs
+        Where a study's results are made ahead once its slices are analysed and it is quiet for
+        ``prepare_after_s`` (the runner the workers use), and the outputs a route's job makes; None: no
+        results are made ahead.
     """
 
     def __init__(
@@ -85,7 +124,20 @@ class Prefetcher:
         headers: HeaderCache | None = None,
         owner: str | None = None,
         lease_s: float = LEASE_S,
+        prepare: PreparesAhead | None = None,
+        route_outputs: RouteOutputs | None = None,
+        prepare_after_s: float = PREPARE_AFTER_S,
     ) -> None:
+        self.prepare = prepare if route_outputs is not None else None
+        self.route_outputs = route_outputs
+        self.prepare_after_s = prepare_after_s
+        #: Per study: the last arrival its results were made ahead for (or failed for), and its quiet wait now.
+        self._prepared_at: dict[str, datetime] = {}
+        self._prepare_after: dict[str, float] = {}
+        #: Studies this process analyses ahead (it holds their lease), from the last pass.
+        self._ours: set[str] = set()
+        #: Outcomes made ahead since the start (for the log and the tests).
+        self.prepared = 0
         self.headers = headers
         self.owner = owner
         self.lease_s = lease_s
@@ -127,7 +179,8 @@ class Prefetcher:
             return False
         todo = self._new_instances(routes)
         if not todo:
-            return False
+            # Every slice is analysed: what is left to do ahead is a quiet study's whole outcome.
+            return self.prepare is not None and self._prepare_one(now, routes)
         self._analyse(todo)
         return True  # there may be more: the loop steps again at once (a waiting job ends that at the next check)
 
@@ -145,6 +198,14 @@ class Prefetcher:
                 )
             for uid in self.store.remove_finished(open_uids):
                 log.debug("slice cache of study %s removed: the study is no longer open", uid)
+        if self.prepare is not None:
+            with self.sessions() as session:
+                still_open = set(
+                    session.execute(select(Study.study_instance_uid).where(Study.state.in_(OPEN_STATES))).scalars()
+                )
+            self.prepare.forget_prepared(still_open)
+            self._prepared_at = {u: t for u, t in self._prepared_at.items() if u in still_open}
+            self._prepare_after = {u: s for u, s in self._prepare_after.items() if u in still_open}
         if self.headers is not None and len(self.headers):
             # Kept for the job of an open study only: memory stays bounded by what is arriving.
             with self.sessions() as session:
@@ -190,6 +251,7 @@ class Prefetcher:
             uid: self.owner is None or self.store.study(uid).claim(self.owner, self.lease_s)
             for uid in dict.fromkeys(row.study_instance_uid for row in rows)
         }
+        self._ours = {uid for uid, mine in ours.items() if mine}
         todo = []
         for row in rows:
             if ours[row.study_instance_uid] and self._seen.get(row.id) != row.received_at:
@@ -238,3 +300,59 @@ class Prefetcher:
             analysed += len(done)
         self.slices_analysed += analysed
         return analysed
+
+    def _prepare_one(self, now: datetime, routes: list[str]) -> bool:
+        """Make ahead the outcome of one quiet study of ours whose slices are all analysed; True when one was made.
+
+        A study released by its sender (``complete_on_release``) is left alone: its job comes at once.
+        """
+        assert self.prepare is not None and self.route_outputs is not None
+        with self.sessions() as session:
+            studies = session.execute(
+                select(Study.id, Study.study_instance_uid, Study.last_received_at, Study.sender_ae, Study.sender_host)
+                .where(Study.state == StudyState.RECEIVING, Study.complete_requested.is_(False))
+                .order_by(Study.last_received_at)
+            ).all()
+        for study in studies:
+            uid = study.study_instance_uid
+            if uid not in self._ours or self._prepared_at.get(uid) == study.last_received_at:
+                continue
+            wait_s = self._prepare_after.get(uid, self.prepare_after_s)
+            if (now - study.last_received_at).total_seconds() < wait_s:
+                continue
+            with self.sessions() as session:
+                found = session.execute(
+                    select(Series.route).where(Series.study_id == study.id, Series.route.in_(routes))
+                ).scalars()
+                study_routes = sorted({route for route in found if route is not None})
+            if not study_routes:
+                continue
+            _, files = study_files(self.sessions, self.spool, study.id)
+
+            def go_on(study_id: int = study.id, last: datetime = study.last_received_at) -> bool:
+                if not self.idle():
+                    return False
+                with self.sessions() as session:
+                    latest = session.execute(select(Study.last_received_at).where(Study.id == study_id)).scalar()
+                return latest == last
+
+            started = time.monotonic()
+            made = True
+            try:
+                for route in study_routes:
+                    outputs = self.route_outputs(route, study.sender_ae, study.sender_host)
+                    made = self.prepare.prepare(uid, self.routes[route], files, outputs, go_on) and made
+            except Exception as exc:  # the job meets it again and reports it
+                log.debug("study %s: results not made ahead: %s: %s", uid, type(exc).__name__, exc)
+                self._prepared_at[uid] = study.last_received_at
+                continue
+            if not made:  # a job or an instance came first: try again later, after a longer quiet
+                self._prepare_after[uid] = min(MAX_PREPARE_AFTER_S, wait_s * 2)
+                log.debug("study %s: making results ahead given up; next try after %.1f s quiet", uid, wait_s * 2)
+                return False
+            self._prepared_at[uid] = study.last_received_at
+            self.prepared += 1
+            log.info("study %s: results made ahead in %.1f s, after %.1f s quiet (before it is complete)", uid,
+                     time.monotonic() - started, wait_s)  # fmt: skip
+            return True
+        return False

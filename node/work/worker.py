@@ -42,7 +42,7 @@ from node.loops import Loop
 from node.phi import redact, study_identifying_values
 from node.reasons import one_line_reason
 from node.receive.spool import Spool
-from node.work.destinations import Destination, DestinationError, PeerResolver
+from node.work.destinations import Destination, PeerResolver, resolve_destinations, wanted_outputs
 from pipelines.study import ResultKind, RunOutcome, StudyRunner, result_kind
 
 log = logging.getLogger("ainode.worker")
@@ -79,6 +79,23 @@ def release_freed_memory() -> None:
 
 
 _malloc_trim: Any = None
+
+
+def study_files(sessions: sessionmaker[Session], spool: Spool, study_id: int) -> tuple[str, dict[str, list[Path]]]:
+    """A study's UID and the files of its instances by Series Instance UID (in the order they were recorded):
+    what a job gives its pipeline, and what a preparation ahead must give it too (the same query)."""
+    with sessions() as session:
+        study_uid = session.execute(select(Study.study_instance_uid).where(Study.id == study_id)).scalar_one()
+        rows = session.execute(
+            select(Series.series_instance_uid, Instance.path)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Series.study_id == study_id)
+            .order_by(Instance.id)
+        ).all()
+    files: dict[str, list[Path]] = defaultdict(list)
+    for series_uid, relpath in rows:
+        files[series_uid].append(spool.abspath(relpath))
+    return study_uid, dict(files)
 
 
 class Worker:
@@ -123,30 +140,16 @@ class Worker:
         return True
 
     # -- one job ---------------------------------------------------------------------------
-    def _study_files(self, study_id: int) -> tuple[str, dict[str, list[Path]]]:
-        with self.sessions() as session:
-            study_uid = session.execute(select(Study.study_instance_uid).where(Study.id == study_id)).scalar_one()
-            rows = session.execute(
-                select(Series.series_instance_uid, Instance.path)
-                .join(Instance, Instance.series_id == Series.id)
-                .where(Series.study_id == study_id)
-                .order_by(Instance.id)
-            ).all()
-        files: dict[str, list[Path]] = defaultdict(list)
-        for series_uid, relpath in rows:
-            files[series_uid].append(self.spool.abspath(relpath))
-        return study_uid, dict(files)
-
     def process(self, job: Job) -> None:
         started = time.monotonic()
-        study_uid, files = self._study_files(job.study_id)
+        study_uid, files = study_files(self.sessions, self.spool, job.study_id)
         # Every reason this job records or logs is said without the patient's names, IDs or dates.
         phi = study_identifying_values(files)
         try:
-            destinations, unresolved = self._destinations(job)
-            no_destination = {ResultKind.SEG, ResultKind.SR}
-            outputs = set().union(*(d.outputs for d in destinations)) if destinations else no_destination
-            outcome = self.runner.run(job.pipeline, files, outputs)
+            destinations, unresolved = resolve_destinations(
+                self.resolve, job.destinations, job.sender_ae, job.sender_host
+            )
+            outcome = self.runner.run(job.pipeline, files, wanted_outputs(destinations))
         except Exception as exc:  # a pipeline exception fails this job only (invariant 6)
             reason = redact(one_line_reason(exc), phi) or ""
             log.error("job %d study %s failed: %s", job.id, study_uid, reason)
@@ -163,6 +166,10 @@ class Worker:
             with self.sessions() as session, session.begin():
                 session.add(AuditEvent(kind="selection", actor=self.worker_id, subject=str(job.id),
                                        detail=outcome.selection))  # fmt: skip
+        if outcome.prepared:
+            ahead = ", ".join(f"{step} {seconds:.2f}" for step, seconds in outcome.steps_s.items())
+            log.info("job %d study %s: results prepared while the study was quiet (%s), from the same files",
+                     job.id, study_uid, ahead or "not analysed")  # fmt: skip
         if outcome.slices_reused is not None:
             reused, total = outcome.slices_reused
             log.info("job %d study %s: %d of %d slices analysed while the study arrived", job.id, study_uid, reused,
@@ -204,16 +211,6 @@ class Worker:
             log.error("job %d could not be postponed: %s", job.id, one_line_reason(exc))
             return
         log.warning("job %d study %s: %s; retry in %.0f s", job.id, study_uid, reason, delay_s)
-
-    def _destinations(self, job: Job) -> tuple[list[Destination], list[tuple[str, str]]]:
-        resolved: list[Destination] = []
-        unresolved: list[tuple[str, str]] = []
-        for name in job.destinations:
-            try:
-                resolved.append(self.resolve(name, job.sender_ae, job.sender_host))
-            except DestinationError as exc:
-                unresolved.append((name, str(exc)))
-        return resolved, unresolved
 
     def _store_results(
         self,
@@ -270,7 +267,8 @@ class Worker:
             reason = "; ".join(notes) or None
             self._set_finished(session, row, JobState.DONE, reason, time.monotonic() - started, outcome.model_s)
         kinds = ",".join(sorted({k for _, _, k in stored}))
-        steps = {**outcome.steps_s, "store": time.monotonic() - store_started}
+        # The steps of a result prepared ahead were logged when the job took it: this job only stored it.
+        steps = {**({} if outcome.prepared else outcome.steps_s), "store": time.monotonic() - store_started}
         log.info(
             "job %d study %s done in %.1f s (%s): %d result objects (%s) for %s",
             job.id,
