@@ -271,7 +271,10 @@ class NodeApp:
             if assembler.tick():
                 self.wake_workers()
 
-        assemble_loop = Loop("assembler", assemble, self._assembler_poll_s, log=log)
+        # A study is complete when its quiet period ends, not at the next poll after it.
+        assemble_loop = Loop(
+            "assembler", assemble, self._assembler_poll_s, log=log, due_in=lambda: assembler.next_due_s
+        )
         self.loops = [
             assemble_loop,
             Loop("reclaimer", self._reclaim, max(1.0, self.job_lease_s / 2), log=log),

@@ -28,6 +28,9 @@ class Loop:
         once instead of waiting: a queue of work is drained without a pause between items.
     log
         Where an unexpected error of a step is logged (the loop's owner's logger).
+    due_in
+        After a step: seconds until something the loop waits for is due (a study's quiet period ends),
+        or None; the loop then waits that long if it is shorter than ``every_s`` (at least 10 ms).
     """
 
     def __init__(
@@ -38,7 +41,9 @@ class Loop:
         *,
         again_while_busy: bool = False,
         log: logging.Logger | None = None,
+        due_in: Callable[[], float | None] | None = None,
     ) -> None:
+        self.due_in = due_in
         self.name = name
         self.step = step
         self.every_s = every_s
@@ -86,5 +91,9 @@ class Loop:
                 busy = False
             if busy and self.again_while_busy:
                 continue
-            self._wake.wait(self.every_s)
+            wait_s = self.every_s
+            due_s = self.due_in() if self.due_in is not None else None
+            if due_s is not None:
+                wait_s = min(wait_s, max(0.01, due_s))
+            self._wake.wait(wait_s)
             self._wake.clear()

@@ -61,6 +61,8 @@ class StudyAssembler:
         self.router = router
         self.routes: Mapping[str, RouteLike] = {r.name: r for r in routes}
         self.default_stable_after_s = default_stable_after_s
+        #: After a tick: seconds until the first study still receiving becomes quiet for long enough (None: none).
+        self.next_due_s: float | None = None
 
     # -- events from the receiver ----------------------------------------------------------
     def request_complete(self, study_ids: Iterable[int]) -> None:
@@ -110,9 +112,13 @@ class StudyAssembler:
                 .scalars()
                 .all()
             )
+        self.next_due_s = None
         for study_id in candidates:
             created.extend(self._consider(study_id, now))
         return created
+
+    def _due_in(self, seconds: float) -> None:
+        self.next_due_s = seconds if self.next_due_s is None else min(self.next_due_s, seconds)
 
     def _consider(self, study_id: int, now: datetime) -> list[CreatedJob]:
         with self.sessions() as session, session.begin():
@@ -131,6 +137,7 @@ class StudyAssembler:
             route_names = {r for r, _ in rows if r}
             quiet_s = (now - study.last_received_at).total_seconds()
             if not study.complete_requested and quiet_s < self._stable_after(route_names):
+                self._due_in(self._stable_after(route_names) - quiet_s)
                 return []
 
             if not route_names:

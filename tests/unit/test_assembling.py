@@ -18,10 +18,14 @@ def test_a_study_becomes_a_job_only_after_it_was_quiet_for_stable_after_s(node: 
     slices = ct_study(4)
     node.receive(slices[:2])
     assert node.assembler.tick(now=node.clock.advance(STABLE_AFTER_S - 1)) == []
+    # The assembler's loop waits until then, not until its next poll.
+    assert node.assembler.next_due_s == pytest.approx(1)
     node.receive(slices[2:])  # the scanner is still sending: the quiet time starts again
-    assert node.assembler.tick(now=node.clock.advance(STABLE_AFTER_S - 1)) == []
+    assert node.assembler.tick(now=node.clock.advance(STABLE_AFTER_S - 1.5)) == []
+    assert node.assembler.next_due_s == pytest.approx(1.5)
 
     (created,) = node.assembler.tick(now=node.clock.advance(2))
+    assert node.assembler.next_due_s is None  # no study left to wait for
 
     assert (created.study_instance_uid, created.route, created.pipeline) == (
         slices[0].StudyInstanceUID,
@@ -65,3 +69,17 @@ def test_an_instance_after_processing_is_kept_and_opens_a_new_version_only_when_
         assert (study.state, study.sender_ae, late_row.study_version) == (StudyState.PROCESSED, "CT1", 1)
     else:
         assert (study.state, study.sender_ae, late_row.study_version) == (StudyState.QUEUED, "CT2", 2)
+
+
+def test_the_assembler_loop_steps_again_when_a_study_is_due_not_only_at_its_next_poll() -> None:
+    from node.loops import Loop
+    from tests.support.waiting import wait_for
+
+    steps: list[int] = []
+    loop = Loop("assembler-test", lambda: steps.append(1), 60.0, due_in=lambda: 0.05)
+    loop.start()
+    try:
+        # With a 60 s poll, three steps would take two minutes; the study due in 50 ms brings them at once.
+        wait_for(lambda: len(steps) >= 3, timeout_s=30, what="three steps of the loop")
+    finally:
+        loop.stop()
