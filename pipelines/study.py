@@ -70,6 +70,9 @@ class RunOutcome:
     steps_s: dict[str, float] = field(default_factory=dict)
     #: Made ahead, while the study was quiet, from the very files the job was given (:meth:`OnnxStudyRunner.prepare`).
     prepared: bool = False
+    #: Of an outcome made ahead: where whoever made it wrote each object already (by SOP Instance UID), for the
+    #: job to put in place rather than write (the node's spool; see ``finish`` of :meth:`OnnxStudyRunner.prepare`).
+    written_ahead: dict[str, str] = field(default_factory=dict)
 
 
 class Preempted(Exception):
@@ -310,6 +313,7 @@ class OnnxStudyRunner:
         series_files: Mapping[str, Sequence[Path]],
         outputs: Iterable[ResultKind | str],
         go_on: Callable[[], bool],
+        finish: Callable[[str, RunOutcome], RunOutcome] | None = None,
     ) -> bool:
         """Analyse a study that is not complete yet, and keep the outcome for a :meth:`run` of the same input.
 
@@ -322,6 +326,10 @@ class OnnxStudyRunner:
         returned as False) unless a job already waits for this very preparation. A job that runs with this
         input while it is under way waits for it rather than starting over. Other errors propagate: the job
         meets them again and reports them. True when an outcome for this input is kept.
+
+        ``finish(key, outcome)``, if given, is called before the outcome is kept, and what it returns is kept
+        (the node writes the objects into its spool then, see :attr:`RunOutcome.written_ahead`). Only the
+        newest outcome of a study is kept: a study made ahead again has new input, the older one cannot match.
         """
         wanted = list(outputs)
         key = self.input_key(pipeline, series_files, wanted)
@@ -339,12 +347,16 @@ class OnnxStudyRunner:
                 return key in self._awaited
 
         try:
-            outcome = self._run(pipeline, series_files, wanted, go_on=keep_going)
+            outcome = dataclasses.replace(self._run(pipeline, series_files, wanted, go_on=keep_going), prepared=True)
+            if finish is not None:
+                outcome = finish(key, outcome)
         except Preempted:
             return False
         else:
             with self._lock:
-                self._prepared[key] = (study_uid, dataclasses.replace(outcome, prepared=True))
+                for older in [k for k, (uid, _) in self._prepared.items() if uid == study_uid]:
+                    del self._prepared[older]
+                self._prepared[key] = (study_uid, outcome)
                 while len(self._prepared) > MAX_PREPARED:
                     del self._prepared[next(iter(self._prepared))]
             return True

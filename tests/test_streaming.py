@@ -619,6 +619,10 @@ def test_node_makes_a_quiet_studys_results_ahead_and_its_job_takes_them_only_if_
     assert node.worker(runner=Recording()).run_once()
     assert not outcomes[-1].prepared  # made from 29 slices of the series: never taken for 30
     assert_same_results(outcomes[-1], batch_outcome)
+    # The objects made ahead had been written into the spool (temp names); unused, they go at the next pass.
+    assert len(list(node.spool.root.rglob("*.part"))) == 2
+    prefetcher.step(clock.advance(0.1))
+    assert list(node.spool.root.rglob("*.part")) == []
 
     # A slice with lung in it is sent again with other pixels: a new version of the study. Quiet long enough,
     # its results are made ahead, and its job takes them: those of the files the spool holds now.
@@ -630,7 +634,15 @@ def test_node_makes_a_quiet_studys_results_ahead_and_its_job_takes_them_only_if_
     assert prefetcher.step(clock.advance(1)) is True and prefetcher.prepared == 2
     assert node.assembler.tick(now=clock.advance(10))
     assert node.worker(runner=Recording()).run_once()
-    assert outcomes[-1].prepared
+    assert outcomes[-1].prepared and len(outcomes[-1].written_ahead) == 2
     assert_same_results(outcomes[-1], batch_runner.run("lung-seg", _spooled(node), OUTPUTS))
+    # The job put the files written ahead in place: the spool's results are those objects, no temp file is left.
+    assert list(node.spool.root.rglob("*.part")) == []
+    results = sorted(node.spool.root.glob("_results/*/*/*.dcm"))
+    assert {p.stem for p in results} == {str(ds.SOPInstanceUID) for ds in outcomes[-1].datasets}
+    by_modality = {str(ds.Modality): ds for ds in outcomes[-1].datasets}
+    stored = [pydicom.dcmread(p) for p in results]
+    stored.sort(key=lambda ds: str(ds.Modality))
+    assert_same_results(RunOutcome(datasets=stored), RunOutcome(datasets=[by_modality[m] for m in sorted(by_modality)]))
     assert not np.array_equal(outcomes[-1].datasets[0].pixel_array, batch_outcome.datasets[0].pixel_array)
     assert [job.state.value for job in node.jobs()] == ["done", "done"]

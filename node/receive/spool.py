@@ -13,7 +13,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -146,6 +146,32 @@ class Spool:
     def write_dataset(self, relpath: str, ds: Dataset) -> int:
         """Write a complete dataset (with ``file_meta``) such as a result object."""
         return self._write_atomically(relpath, lambda fh: ds.save_as(fh, enforce_file_format=True))
+
+    def write_ahead(self, relpath: str, ds: Dataset) -> str:
+        """Write ``ds`` now, fsynced, under a temp name beside ``relpath``, for :meth:`publish` to put in place later.
+
+        Returns the temp file's relative path. Named like any temp file of this process, it is removed as
+        one when this process stops before it was published (:meth:`remove_temp_files`).
+        """
+        staged = temp_path(self.root / relpath).relative_to(self.root).as_posix()
+        self.write_dataset(staged, ds)
+        return staged
+
+    def publish(self, staged: str, relpath: str) -> bool:
+        """Rename a file written ahead into place, durably (its folder fsynced); False when it is gone."""
+        final = self.root / relpath
+        try:
+            os.replace(self.root / staged, final)
+        except FileNotFoundError:
+            return False
+        if self.fsync:
+            self._fsync_dir(final.parent)
+        return True
+
+    def discard(self, relpaths: Iterable[str]) -> None:
+        """Remove files written ahead that were not published (missing ones are fine)."""
+        for relpath in relpaths:
+            (self.root / relpath).unlink(missing_ok=True)
 
     def _write_atomically(self, relpath: str, body: Callable[[BinaryIO], None]) -> int:
         final = self.root / relpath

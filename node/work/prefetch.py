@@ -23,6 +23,7 @@ did, that study waits twice as long before the next try.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from pipelines.headercache import HeaderCache
     from pipelines.runtime import LoadedModel
     from pipelines.streaming import StoredSlice
+    from pipelines.study import RunOutcome
 
 log = logging.getLogger("ainode.prefetch")
 
@@ -74,6 +76,7 @@ class PreparesAhead(Protocol):
         series_files: Mapping[str, Sequence[Path]],
         outputs: Iterable[str],
         go_on: Callable[[], bool],
+        finish: Callable[[str, RunOutcome], RunOutcome] | None = None,
     ) -> bool: ...
 
     def forget_prepared(self, keep: Iterable[str]) -> int: ...
@@ -134,6 +137,8 @@ class Prefetcher:
         #: Per study: the last arrival its results were made ahead for (or failed for), and its quiet wait now.
         self._prepared_at: dict[str, datetime] = {}
         self._prepare_after: dict[str, float] = {}
+        #: Result files written ahead, by study (until their job puts them in place or the study is no longer open).
+        self._written_ahead: dict[str, list[str]] = {}
         #: Studies this process analyses ahead (it holds their lease), from the last pass.
         self._ours: set[str] = set()
         #: Outcomes made ahead since the start (for the log and the tests).
@@ -204,6 +209,8 @@ class Prefetcher:
                     session.execute(select(Study.study_instance_uid).where(Study.state.in_(OPEN_STATES))).scalars()
                 )
             self.prepare.forget_prepared(still_open)
+            for uid in [u for u in self._written_ahead if u not in still_open]:
+                self.spool.discard(self._written_ahead.pop(uid))
             self._prepared_at = {u: t for u, t in self._prepared_at.items() if u in still_open}
             self._prepare_after = {u: s for u, s in self._prepare_after.items() if u in still_open}
         if self.headers is not None and len(self.headers):
@@ -341,7 +348,9 @@ class Prefetcher:
             try:
                 for route in study_routes:
                     outputs = self.route_outputs(route, study.sender_ae, study.sender_host)
-                    made = self.prepare.prepare(uid, self.routes[route], files, outputs, go_on) and made
+                    made = (
+                        self.prepare.prepare(uid, self.routes[route], files, outputs, go_on, self._write_ahead) and made
+                    )
             except Exception as exc:  # the job meets it again and reports it
                 log.debug("study %s: results not made ahead: %s: %s", uid, type(exc).__name__, exc)
                 self._prepared_at[uid] = study.last_received_at
@@ -356,3 +365,22 @@ class Prefetcher:
                      time.monotonic() - started, wait_s)  # fmt: skip
             return True
         return False
+
+    def _write_ahead(self, key: str, outcome: RunOutcome) -> RunOutcome:
+        """Write the objects made ahead into the spool now (fsynced, under temp names): the job only renames them.
+
+        Files written ahead for the same study before are removed first: that input is gone (a study is made
+        ahead again only after something arrived), and a job that still meant to use one writes its own.
+        """
+        if not outcome.datasets:
+            return outcome
+        study_uid = str(outcome.datasets[0].StudyInstanceUID)
+        self.spool.discard(self._written_ahead.pop(study_uid, []))
+        written = self._written_ahead[study_uid] = []
+        by_uid = {}
+        for ds in outcome.datasets:
+            relpath = Spool.result_relpath(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+            staged = self.spool.write_ahead(relpath, ds)
+            written.append(staged)
+            by_uid[str(ds.SOPInstanceUID)] = staged
+        return dataclasses.replace(outcome, written_ahead=by_uid)

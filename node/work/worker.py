@@ -227,7 +227,10 @@ class Worker:
         stored: list[tuple[Dataset, str, ResultKind]] = []
         for ds in outcome.datasets:
             relpath = Spool.result_relpath(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-            self.spool.write_dataset(relpath, ds)
+            # An object made ahead was written then: it is put in place (or written now, if that file is gone).
+            ahead = outcome.written_ahead.get(str(ds.SOPInstanceUID)) if outcome.prepared else None
+            if ahead is None or not self.spool.publish(ahead, relpath):
+                self.spool.write_dataset(relpath, ds)
             stored.append((ds, relpath, result_kind(ds)))
         now = utcnow()
         with self.sessions() as session, session.begin():
