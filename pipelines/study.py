@@ -380,12 +380,18 @@ class OnnxStudyRunner:
             under_way = self._preparing.get(key) if kept is None else None
             if under_way is not None:
                 self._awaited.add(key)
-        if under_way is not None:
-            under_way.wait(PREPARE_WAIT_S)
-            with self._lock:
-                self._awaited.discard(key)
-                kept = self._prepared.pop(key, None)
-        return kept[1] if kept is not None else None
+        if under_way is None:
+            return kept[1] if kept is not None else None
+        started = time.monotonic()
+        under_way.wait(PREPARE_WAIT_S)
+        with self._lock:
+            self._awaited.discard(key)
+            kept = self._prepared.pop(key, None)
+        if kept is None:
+            return None
+        # The job's log says how long it waited for the end of the preparation (it began before the wait ended).
+        outcome = kept[1]
+        return dataclasses.replace(outcome, steps_s={**outcome.steps_s, "waited": time.monotonic() - started})
 
     def run(
         self, pipeline: str, series_files: Mapping[str, Sequence[Path]], outputs: Iterable[ResultKind | str]
