@@ -348,9 +348,9 @@ class Prefetcher:
             try:
                 for route in study_routes:
                     outputs = self.route_outputs(route, study.sender_ae, study.sender_host)
-                    made = (
-                        self.prepare.prepare(uid, self.routes[route], files, outputs, go_on, self._write_ahead) and made
-                    )
+                    if not self.prepare.prepare(uid, self.routes[route], files, outputs, go_on, self._write_ahead):
+                        made = False
+                        break
             except Exception as exc:  # the job meets it again and reports it
                 log.debug("study %s: results not made ahead: %s: %s", uid, type(exc).__name__, exc)
                 self._prepared_at[uid] = study.last_received_at
