@@ -613,8 +613,13 @@ def test_node_makes_a_quiet_studys_results_ahead_and_its_job_takes_them_only_if_
     assert prefetcher.step(clock.advance(1)) is True and prefetcher.prepared == 1  # quiet: made ahead
     assert prefetcher.step(clock.now) is False  # once for the same arrivals
 
-    # The last slice comes after the gap; the study is complete before anything is analysed ahead again.
+    # The last slice comes after the gap. The study was made ahead once already: it waits twice as long (0.6 s)
+    # before it is made ahead again, and is complete before that.
     node.receive([pydicom.dcmread(late)])
+    while prefetcher.step(clock.now):
+        pass
+    assert prefetcher.slices_analysed == 60
+    assert prefetcher.step(clock.advance(0.5)) is False and prefetcher.prepared == 1
     assert node.assembler.tick(now=clock.advance(10))
     assert node.worker(runner=Recording()).run_once()
     assert not outcomes[-1].prepared  # made from 29 slices of the series: never taken for 30

@@ -17,8 +17,9 @@ the loop also makes the job's whole outcome ahead: the same runner call on the s
 given, with the outputs its destinations take (:meth:`pipelines.study.OnnxStudyRunner.prepare`). A scanner
 that sends with gaps then has its results made when the stability wait ends; the job takes them only if
 its input is exactly the one they were made from, and otherwise analyses the study as usual. A
-preparation gives up between steps when a job needs the machine or an instance arrives; each time it
-did, that study waits twice as long before the next try.
+preparation gives up between steps when a job needs the machine or an instance arrives. Each time a study
+was made ahead or had to give up, it waits twice as long before the next try (a sender that pauses often
+costs a few preparations, not one per pause).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ AGE_CHECK_EVERY = timedelta(minutes=10)
 LEASE_S = 30.0
 #: A study whose slices are all analysed has its results made ahead once it has been quiet this long.
 PREPARE_AFTER_S = 0.3
-#: After a preparation that had to give up, the study waits twice as long before the next try, at most this.
+#: After each preparation of a study (made or given up), it waits twice as long before the next, at most this.
 MAX_PREPARE_AFTER_S = 30.0
 
 
@@ -360,6 +361,9 @@ class Prefetcher:
                 log.debug("study %s: making results ahead given up; next try after %.1f s quiet", uid, wait_s * 2)
                 return False
             self._prepared_at[uid] = study.last_received_at
+            # Made again only after more arrived, which makes this one useless: a sender that pauses often
+            # costs a few preparations of its study, not one per pause.
+            self._prepare_after[uid] = min(MAX_PREPARE_AFTER_S, wait_s * 2)
             self.prepared += 1
             log.info("study %s: results made ahead in %.1f s, after %.1f s quiet (before it is complete)", uid,
                      time.monotonic() - started, wait_s)  # fmt: skip
