@@ -36,6 +36,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Instance, Series, Study, StudyState, utcnow
+from node.phi import redact, study_identifying_values
+from node.reasons import one_line_reason
 from node.receive.spool import Spool
 from node.work.slicestore import SliceStore
 from node.work.worker import study_files
@@ -353,7 +355,9 @@ class Prefetcher:
                         made = False
                         break
             except Exception as exc:  # the job meets it again and reports it
-                log.debug("study %s: results not made ahead: %s: %s", uid, type(exc).__name__, exc)
+                # Said without the patient's names, IDs or dates, as the job says its failures.
+                why = redact(one_line_reason(exc), study_identifying_values(files))
+                log.debug("study %s: results not made ahead: %s", uid, why)
                 self._prepared_at[uid] = study.last_received_at
                 continue
             if not made:  # a job or an instance came first: try again later, after a longer quiet
