@@ -263,6 +263,7 @@ class NodeApp:
                     owner=self.identity,
                     prepare=runner if isinstance(runner, PreparesAhead) else None,
                     route_outputs=self._route_outputs,
+                    stable_after={r.name: r.stable_after_s for r in self.config.routes},
                 )
             self.outbox_thread = outbox_loop(self.make_outbox())
             self.outbox_thread.start()
@@ -412,6 +413,8 @@ class NodeApp:
             loop.stop()
         if self.pool is not None:
             self.pool.stop()
+        if self.prefetcher is not None:  # after the workers: no job puts a file written ahead in place any more
+            self.prefetcher.close()
         if self.outbox_thread is not None:
             self.outbox_thread.stop(30)
         self._audit_application("stop")  # forwarded by the next start if the forwarder has stopped already

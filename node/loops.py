@@ -84,15 +84,17 @@ class Loop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            failed = False
             try:
                 busy = self.step()
             except Exception:
                 self.log.exception("%s: unexpected error; continuing", self.name)
-                busy = False
+                busy, failed = False, True
             if busy and self.again_while_busy:
                 continue
             wait_s = self.every_s
-            due_s = self.due_in() if self.due_in is not None else None
+            # After a failed step (the database away), the full wait: what is due is not known.
+            due_s = self.due_in() if self.due_in is not None and not failed else None
             if due_s is not None:
                 wait_s = min(wait_s, max(0.01, due_s))
             self._wake.wait(wait_s)

@@ -14,6 +14,7 @@ import hashlib
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ class RunOutcome:
     #: Of an outcome made ahead: where whoever made it wrote each object already (by SOP Instance UID), for the
     #: job to put in place rather than write (the node's spool; see ``finish`` of :meth:`OnnxStudyRunner.prepare`).
     written_ahead: dict[str, str] = field(default_factory=dict)
+    #: Of an outcome made ahead: a token of the input it was made from, set by whoever made it (the node: a
+    #: digest of the study's instance rows), for the job to compare with its own.
+    made_from: str | None = None
 
 
 class Preempted(Exception):
@@ -108,6 +112,17 @@ def patient_mismatch(headers: Mapping[str, Sequence[Dataset]]) -> str | None:
         if len(values) > 1:
             return f"the study's instances carry {len(values)} different {keyword} values; nothing is analysed or sent"
     return None
+
+
+def files_key(series_files: Mapping[str, Sequence[Path]]) -> str:
+    """A digest of the files given, in their order, as they are on disk: path, device, inode, time and size."""
+    digest = hashlib.sha256()
+    for series_uid, paths in series_files.items():
+        digest.update(f"series {series_uid}\n".encode())
+        for path in paths:
+            st = os.stat(path)
+            digest.update(f"{path}\0{st.st_dev}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
+    return digest.hexdigest()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -246,10 +261,10 @@ class OnnxStudyRunner:
         self.omit_empty_frames = omit_empty_frames
         self.batch_size = batch_size
         #: Outcomes prepared ahead, by input key, with their Study Instance UID; and the preparations under way.
-        self._prepared: dict[str, tuple[str, RunOutcome]] = {}
+        self._prepared: dict[str, tuple[str, str, RunOutcome]] = {}
         self._preparing: dict[str, threading.Event] = {}
-        #: Keys a job waits for: their preparation goes on whatever else happens.
-        self._awaited: set[str] = set()
+        #: Keys jobs wait for, with how many: their preparation goes on whatever else happens.
+        self._awaited: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def _check_volume_size(self, datasets: Sequence[Dataset]) -> None:
@@ -298,13 +313,7 @@ class OnnxStudyRunner:
         manifest = self.registry.get(pipeline).manifest
         settings = (pipeline, manifest.model_dump_json(), sorted(ResultKind(o).value for o in outputs),
                     self.omit_empty_frames, self.batch_size, self.max_volume_bytes, repr(self.equipment))  # fmt: skip
-        digest = hashlib.sha256(repr(settings).encode())
-        for series_uid, paths in series_files.items():
-            digest.update(f"series {series_uid}\n".encode())
-            for path in paths:
-                st = os.stat(path)
-                digest.update(f"{path}\0{st.st_dev}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
-        return digest.hexdigest()
+        return hashlib.sha256(f"{settings!r}\n{files_key(series_files)}".encode()).hexdigest()
 
     def prepare(
         self,
@@ -328,11 +337,14 @@ class OnnxStudyRunner:
         meets them again and reports them. True when an outcome for this input is kept.
 
         ``finish(key, outcome)``, if given, is called before the outcome is kept, and what it returns is kept
-        (the node writes the objects into its spool then, see :attr:`RunOutcome.written_ahead`). Only the
-        newest outcome of a study is kept: a study made ahead again has new input, the older one cannot match.
+        (the node writes the objects into its spool then, see :attr:`RunOutcome.written_ahead`). An outcome with
+        an output that could not be built is not kept (:class:`ResultsNotBuilt`: the job tries again), nor one
+        whose files changed while they were read (False). Outcomes of the same study made from other files
+        are dropped: that input is gone (a study's files only grow or are replaced).
         """
         wanted = list(outputs)
         key = self.input_key(pipeline, series_files, wanted)
+        files = files_key(series_files)
         with self._lock:
             if key in self._prepared:
                 return True
@@ -344,19 +356,26 @@ class OnnxStudyRunner:
             if go_on():
                 return True
             with self._lock:  # asked after go_on: a job that began to wait meanwhile is seen
-                return key in self._awaited
+                return self._awaited[key] > 0
 
         try:
             outcome = dataclasses.replace(self._run(pipeline, series_files, wanted, go_on=keep_going), prepared=True)
+            if outcome.failed_outputs:  # perhaps for a passing reason: the job tries again
+                raise ResultsNotBuilt(
+                    "; ".join(f"{kind} not built: {why}" for kind, why in outcome.failed_outputs.items())
+                )
+            if self.input_key(pipeline, series_files, wanted) != key:
+                return False  # a file changed while it was read: this outcome is of no input the job can have
             if finish is not None:
                 outcome = finish(key, outcome)
         except Preempted:
             return False
         else:
             with self._lock:
-                for older in [k for k, (uid, _) in self._prepared.items() if uid == study_uid]:
+                # The study's outcomes made from other files are of an input that is gone (it only grows or changes).
+                for older in [k for k, (uid, fk, _) in self._prepared.items() if uid == study_uid and fk != files]:
                     del self._prepared[older]
-                self._prepared[key] = (study_uid, outcome)
+                self._prepared[key] = (study_uid, files, outcome)
                 while len(self._prepared) > MAX_PREPARED:
                     del self._prepared[next(iter(self._prepared))]
             return True
@@ -369,7 +388,7 @@ class OnnxStudyRunner:
         """Drop the outcomes prepared for studies not in ``keep`` (those no longer open); how many went."""
         studies = set(keep)
         with self._lock:
-            gone = [key for key, (uid, _) in self._prepared.items() if uid not in studies]
+            gone = [key for key, (uid, _, _) in self._prepared.items() if uid not in studies]
             for key in gone:
                 del self._prepared[key]
         return len(gone)
@@ -379,18 +398,20 @@ class OnnxStudyRunner:
             kept = self._prepared.pop(key, None)
             under_way = self._preparing.get(key) if kept is None else None
             if under_way is not None:
-                self._awaited.add(key)
+                self._awaited[key] += 1
         if under_way is None:
-            return kept[1] if kept is not None else None
+            return kept[2] if kept is not None else None
         started = time.monotonic()
         under_way.wait(PREPARE_WAIT_S)
         with self._lock:
-            self._awaited.discard(key)
+            self._awaited[key] -= 1
+            if self._awaited[key] <= 0:
+                del self._awaited[key]
             kept = self._prepared.pop(key, None)
         if kept is None:
             return None
         # The job's log says how long it waited for the end of the preparation (it began before the wait ended).
-        outcome = kept[1]
+        outcome = kept[2]
         return dataclasses.replace(outcome, steps_s={**outcome.steps_s, "waited": time.monotonic() - started})
 
     def run(

@@ -116,11 +116,17 @@ def test_a_starting_process_removes_only_the_temp_files_of_processes_that_stoppe
         old = folder / "y.dcm.otherhost.456.abcd.part"
         old.write_bytes(b"")
         os.utime(old, (time.time() - 2 * 3600, time.time() - 2 * 3600))
+        # Named after this very process: one written since it started is its own (results written ahead); one
+        # older than it was left by an earlier process of the same PID (a container restarted as PID 1).
+        ours = spool.write_ahead(f"{STUDY}/z.dcm", pydicom.dcmread(get_testdata_file("CT_small.dcm")))
+        earlier_same_pid = spool.abspath(ours).with_name(spool.abspath(ours).name.replace("z.dcm", "w.dcm", 1))
+        earlier_same_pid.write_bytes(b"")
+        os.utime(earlier_same_pid, (time.time() - 7 * 86400, time.time() - 7 * 86400))
 
-        assert Spool(tmp_path / "spool").remove_temp_files() == 2
+        assert Spool(tmp_path / "spool").remove_temp_files() == 3
 
-        assert in_progress.exists() and another_hosts.exists()
-        assert not left_by_a_dead_process.exists() and not old.exists()
+        assert in_progress.exists() and another_hosts.exists() and spool.abspath(ours).exists()
+        assert not left_by_a_dead_process.exists() and not old.exists() and not earlier_same_pid.exists()
     finally:
         writer.kill()
         writer.wait()

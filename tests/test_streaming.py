@@ -22,8 +22,9 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
+from sqlalchemy import update
 
-from db.models import StudyState
+from db.models import Instance, StudyState
 from node.config import Config
 from node.models import study_runner_from_config
 from node.receive.ingest import ReceivedInstance
@@ -651,3 +652,37 @@ def test_node_makes_a_quiet_studys_results_ahead_and_its_job_takes_them_only_if_
     assert_same_results(RunOutcome(datasets=stored), RunOutcome(datasets=[by_modality[m] for m in sorted(by_modality)]))
     assert not np.array_equal(outcomes[-1].datasets[0].pixel_array, batch_outcome.datasets[0].pixel_array)
     assert [job.state.value for job in node.jobs()] == ["done", "done"]
+
+
+def test_results_made_ahead_are_not_used_when_the_database_says_the_study_changed_though_its_files_look_the_same(
+    tmp_path, batch_runner, batch_outcome, study_files, caplog
+):
+    # A file system that reuses an inode within its time resolution could show a replaced file with the same
+    # path, inode, time and size. The instance rows then still tell: each store sets its time of reception.
+    clock = Clock()
+    node = _lung_node(tmp_path, clock)
+    store, headers = SliceStore(node.spool), HeaderCache()
+    runner = OnnxStudyRunner(batch_runner.registry, batch_runner.equipment, slice_cache=store.study, headers=headers)
+    prefetcher = Prefetcher(sessions=node.sessions, spool=node.spool, store=store, model=batch_runner.registry.get,
+                            routes={"ct": "lung-seg"}, idle=lambda: True, headers=headers, prepare=runner,
+                            route_outputs=lambda route, ae, host: OUTPUTS)  # fmt: skip
+    node.receive([pydicom.dcmread(p) for files in study_files.values() for p in files])
+    node.assembler.tick(now=clock.advance(0.1))
+    while prefetcher.step(clock.now):
+        pass
+    assert prefetcher.step(clock.advance(1)) is True and prefetcher.prepared == 1
+    with node.sessions() as session, session.begin():  # what a replacement the files do not show would leave
+        session.execute(update(Instance).where(Instance.id == 7).values(received_at=clock.now))
+    outcomes: list[RunOutcome] = []
+
+    class Recording:
+        def run(self, pipeline, series_files, outputs):
+            outcomes.append(runner.run(pipeline, series_files, outputs))
+            return outcomes[-1]
+
+    assert node.assembler.tick(now=clock.advance(10))
+    assert node.worker(runner=Recording()).run_once()
+    assert [o.prepared for o in outcomes] == [True, False]  # taken by its file key, refused by the rows, made again
+    assert "results made ahead not used: the study changed since" in caplog.text
+    assert_same_results(outcomes[-1], batch_outcome)
+    assert [job.state.value for job in node.jobs()] == ["done"]

@@ -103,6 +103,7 @@ class StudyAssembler:
 
     def tick(self, now: datetime | None = None) -> list[CreatedJob]:
         now = now or utcnow()
+        self.next_due_s = None  # set again below; a tick that fails leaves it unknown, not stale
         created: list[CreatedJob] = []
         with self.sessions() as session:
             candidates = (
@@ -112,7 +113,6 @@ class StudyAssembler:
                 .scalars()
                 .all()
             )
-        self.next_due_s = None
         for study_id in candidates:
             created.extend(self._consider(study_id, now))
         return created

@@ -41,10 +41,21 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f"{final.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
 
 
+#: When this process started (about: when this module was imported), for :func:`_left_over`.
+_STARTED = time.time()
+
+
 def _left_over(path: Path, now: float) -> bool:
     """Whether the temp file at ``path`` was left by a process that stopped (or is too old to be in progress)."""
     parts = path.name[: -len(TMP_SUFFIX)].rsplit(".", 3)
     if len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit():
+        if int(parts[2]) == os.getpid():
+            # Named after this process, but older than it: an earlier process of the same PID left it (a container
+            # restarted, its process PID 1 again). Written since this one started: this process's own, in use.
+            try:
+                return path.stat().st_mtime < _STARTED - 1.0
+            except FileNotFoundError:
+                return False
         try:
             os.kill(int(parts[2]), 0)
         except ProcessLookupError:

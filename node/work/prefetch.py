@@ -114,6 +114,8 @@ class Prefetcher:
         Where a study's results are made ahead once its slices are analysed and it is quiet for
         ``prepare_after_s`` (the runner the workers use), and the outputs a route's job makes; None: no
         results are made ahead.
+    stable_after
+        Each route's ``stable_after_s`` (the quiet wait before a study made ahead again is at most a quarter of it).
     """
 
     def __init__(
@@ -133,7 +135,10 @@ class Prefetcher:
         prepare: PreparesAhead | None = None,
         route_outputs: RouteOutputs | None = None,
         prepare_after_s: float = PREPARE_AFTER_S,
+        stable_after: Mapping[str, float] | None = None,
     ) -> None:
+        #: Each route's stability wait: a study is made ahead at the latest a quarter of it after its last instance.
+        self.stable_after = dict(stable_after or {})
         self.prepare = prepare if route_outputs is not None else None
         self.route_outputs = route_outputs
         self.prepare_after_s = prepare_after_s
@@ -319,10 +324,11 @@ class Prefetcher:
         assert self.prepare is not None and self.route_outputs is not None
         with self.sessions() as session:
             studies = session.execute(
-                select(Study.id, Study.study_instance_uid, Study.last_received_at, Study.sender_ae, Study.sender_host)
+                select(Study.id, Study.study_instance_uid, Study.version, Study.last_received_at, Study.sender_ae,
+                       Study.sender_host)
                 .where(Study.state == StudyState.RECEIVING, Study.complete_requested.is_(False))
                 .order_by(Study.last_received_at)
-            ).all()
+            ).all()  # fmt: skip
         for study in studies:
             uid = study.study_instance_uid
             if uid not in self._ours or self._prepared_at.get(uid) == study.last_received_at:
@@ -330,28 +336,45 @@ class Prefetcher:
             wait_s = self._prepare_after.get(uid, self.prepare_after_s)
             if (now - study.last_received_at).total_seconds() < wait_s:
                 continue
+            # The routes the assembler will make jobs of: those of series with instances in this version.
             with self.sessions() as session:
                 found = session.execute(
-                    select(Series.route).where(Series.study_id == study.id, Series.route.in_(routes))
+                    select(Series.route).where(
+                        Series.study_id == study.id,
+                        Series.route.in_(routes),
+                        Series.id.in_(
+                            select(Instance.series_id).where(Instance.study_version == study.version).distinct()
+                        ),
+                    )
                 ).scalars()
                 study_routes = sorted({route for route in found if route is not None})
             if not study_routes:
+                self._prepared_at[uid] = study.last_received_at  # nothing to make ahead until more arrives
                 continue
-            _, files = study_files(self.sessions, self.spool, study.id)
+            _, files, generation = study_files(self.sessions, self.spool, study.id)
+            busy = [False]
 
-            def go_on(study_id: int = study.id, last: datetime = study.last_received_at) -> bool:
+            def go_on(
+                study_id: int = study.id, last: datetime = study.last_received_at, busy: list[bool] = busy
+            ) -> bool:
                 if not self.idle():
+                    busy[0] = True
                     return False
                 with self.sessions() as session:
                     latest = session.execute(select(Study.last_received_at).where(Study.id == study_id)).scalar()
                 return latest == last
 
+            def finish(key: str, outcome: RunOutcome, uid: str = uid, generation: str = generation) -> RunOutcome:
+                return self._write_ahead(uid, generation, outcome)
+
+            # What was written ahead for this study before is of an input that is gone: more arrived since.
+            self.spool.discard(self._written_ahead.pop(uid, []))
             started = time.monotonic()
             made = True
             try:
                 for route in study_routes:
                     outputs = self.route_outputs(route, study.sender_ae, study.sender_host)
-                    if not self.prepare.prepare(uid, self.routes[route], files, outputs, go_on, self._write_ahead):
+                    if not self.prepare.prepare(uid, self.routes[route], files, outputs, go_on, finish):
                         made = False
                         break
             except Exception as exc:  # the job meets it again and reports it
@@ -360,35 +383,44 @@ class Prefetcher:
                 log.debug("study %s: results not made ahead: %s", uid, why)
                 self._prepared_at[uid] = study.last_received_at
                 continue
-            if not made:  # a job or an instance came first: try again later, after a longer quiet
-                self._prepare_after[uid] = min(MAX_PREPARE_AFTER_S, wait_s * 2)
-                log.debug("study %s: making results ahead given up; next try after %.1f s quiet", uid, wait_s * 2)
+            # Each preparation of a study, made or given up because more arrived, doubles its quiet wait before the
+            # next (a sender that pauses often costs a few preparations, not one per pause), at most a quarter of
+            # its stability wait: the last one still ends before the study is complete.
+            if made or not busy[0]:
+                self._prepare_after[uid] = min(wait_s * 2, self._longest_wait(study_routes))
+            if not made:
+                log.debug("study %s: making results ahead given up; next try after %.1f s quiet", uid,
+                          self._prepare_after.get(uid, wait_s))  # fmt: skip
                 return False
             self._prepared_at[uid] = study.last_received_at
-            # Made again only after more arrived, which makes this one useless: a sender that pauses often
-            # costs a few preparations of its study, not one per pause.
-            self._prepare_after[uid] = min(MAX_PREPARE_AFTER_S, wait_s * 2)
             self.prepared += 1
             log.info("study %s: results made ahead in %.1f s, after %.1f s quiet (before it is complete)", uid,
                      time.monotonic() - started, wait_s)  # fmt: skip
             return True
         return False
 
-    def _write_ahead(self, key: str, outcome: RunOutcome) -> RunOutcome:
+    def _longest_wait(self, routes: list[str]) -> float:
+        """The longest quiet wait before a study of these routes is made ahead: a quarter of its stability wait."""
+        stable = [self.stable_after[r] for r in routes if r in self.stable_after]
+        quarter = min(stable) / 4 if stable else MAX_PREPARE_AFTER_S
+        return max(self.prepare_after_s, min(MAX_PREPARE_AFTER_S, quarter))
+
+    def _write_ahead(self, study_uid: str, generation: str, outcome: RunOutcome) -> RunOutcome:
         """Write the objects made ahead into the spool now (fsynced, under temp names): the job only renames them.
 
-        Files written ahead for the same study before are removed first: that input is gone (a study is made
-        ahead again only after something arrived), and a job that still meant to use one writes its own.
+        The outcome is marked with the ``generation`` of the study's instance rows it was made from, which the
+        job compares with its own (:func:`~node.work.worker.study_files`).
         """
-        if not outcome.datasets:
-            return outcome
-        study_uid = str(outcome.datasets[0].StudyInstanceUID)
-        self.spool.discard(self._written_ahead.pop(study_uid, []))
-        written = self._written_ahead[study_uid] = []
         by_uid = {}
+        written = self._written_ahead.setdefault(study_uid, [])
         for ds in outcome.datasets:
             relpath = Spool.result_relpath(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
             staged = self.spool.write_ahead(relpath, ds)
             written.append(staged)
             by_uid[str(ds.SOPInstanceUID)] = staged
-        return dataclasses.replace(outcome, written_ahead=by_uid)
+        return dataclasses.replace(outcome, written_ahead=by_uid, made_from=generation)
+
+    def close(self) -> None:
+        """Remove the files written ahead that no job put in place (the node stops)."""
+        for uid in list(self._written_ahead):
+            self.spool.discard(self._written_ahead.pop(uid))

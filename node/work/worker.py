@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import hashlib
 import logging
 import time
 import traceback
@@ -18,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydicom import Dataset
 from sqlalchemy import select
@@ -81,21 +82,33 @@ def release_freed_memory() -> None:
 _malloc_trim: Any = None
 
 
-def study_files(sessions: sessionmaker[Session], spool: Spool, study_id: int) -> tuple[str, dict[str, list[Path]]]:
-    """A study's UID and the files of its instances by Series Instance UID (in the order they were recorded):
-    what a job gives its pipeline, and what a preparation ahead must give it too (the same query)."""
+class StudyFiles(NamedTuple):
+    """A study's files as the database records them now (see :func:`study_files`)."""
+
+    study_uid: str
+    #: The files of its instances by Series Instance UID, in the order they were recorded.
+    files: dict[str, list[Path]]
+    #: A digest of its instance rows (id, path, when each was stored): any instance stored since, or stored
+    #: again (a duplicate replaced), makes another one, whatever the file system says of the files.
+    generation: str
+
+
+def study_files(sessions: sessionmaker[Session], spool: Spool, study_id: int) -> StudyFiles:
+    """What a job gives its pipeline, and what a preparation ahead must give it too (the same query)."""
     with sessions() as session:
         study_uid = session.execute(select(Study.study_instance_uid).where(Study.id == study_id)).scalar_one()
         rows = session.execute(
-            select(Series.series_instance_uid, Instance.path)
+            select(Series.series_instance_uid, Instance.id, Instance.path, Instance.received_at)
             .join(Instance, Instance.series_id == Series.id)
             .where(Series.study_id == study_id)
             .order_by(Instance.id)
         ).all()
     files: dict[str, list[Path]] = defaultdict(list)
-    for series_uid, relpath in rows:
+    digest = hashlib.sha256()
+    for series_uid, instance_id, relpath, received_at in rows:
         files[series_uid].append(spool.abspath(relpath))
-    return study_uid, dict(files)
+        digest.update(f"{instance_id}\0{relpath}\0{received_at.isoformat()}\n".encode())
+    return StudyFiles(study_uid, dict(files), digest.hexdigest())
 
 
 class Worker:
@@ -142,14 +155,21 @@ class Worker:
     # -- one job ---------------------------------------------------------------------------
     def process(self, job: Job) -> None:
         started = time.monotonic()
-        study_uid, files = study_files(self.sessions, self.spool, job.study_id)
+        study_uid, files, generation = study_files(self.sessions, self.spool, job.study_id)
         # Every reason this job records or logs is said without the patient's names, IDs or dates.
         phi = study_identifying_values(files)
         try:
             destinations, unresolved = resolve_destinations(
                 self.resolve, job.destinations, job.sender_ae, job.sender_host
             )
-            outcome = self.runner.run(job.pipeline, files, wanted_outputs(destinations))
+            outputs = wanted_outputs(destinations)
+            outcome = self.runner.run(job.pipeline, files, outputs)
+            if outcome.prepared and outcome.made_from != generation:
+                # The files look unchanged, but the database says an instance was stored since the results were
+                # made ahead (a file system that reuses inodes within its time resolution): made again, here.
+                log.warning("job %d study %s: results made ahead not used: the study changed since", job.id,
+                            study_uid)  # fmt: skip
+                outcome = self.runner.run(job.pipeline, files, outputs)
         except Exception as exc:  # a pipeline exception fails this job only (invariant 6)
             reason = redact(one_line_reason(exc), phi) or ""
             log.error("job %d study %s failed: %s", job.id, study_uid, reason)
