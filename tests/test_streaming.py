@@ -686,3 +686,48 @@ def test_results_made_ahead_are_not_used_when_the_database_says_the_study_change
     assert "results made ahead not used: the study changed since" in caplog.text
     assert_same_results(outcomes[-1], batch_outcome)
     assert [job.state.value for job in node.jobs()] == ["done"]
+
+
+def test_every_route_of_a_study_is_made_ahead_and_each_job_takes_its_own(
+    tmp_path, batch_runner, batch_outcome, study_files
+):
+    # Two series routed to two routes (each makes a job), each with its own destination and outputs.
+    clock = Clock()
+    config = make_config(
+        tmp_path,
+        node={"duplicates": "replace"},
+        peers={"pacs": {**PACS, "outputs": ["seg", "sr"]},
+               "viewer": {**PACS, "ae_title": "VIEWER", "outputs": ["seg"]}},
+        routes=[{"name": "soft", "match": {"SeriesDescription": {"regex": "B40f"}}, "pipeline": "lung-seg",
+                 "destinations": ["pacs"], "stable_after_s": 5},
+                {"name": "sharp", "match": {"SeriesDescription": {"regex": "B70f"}}, "pipeline": "lung-seg",
+                 "destinations": ["viewer"], "stable_after_s": 5}],
+    )  # fmt: skip
+    node = build_node(tmp_path, clock, config)
+    store, headers = SliceStore(node.spool), HeaderCache()
+    runner = OnnxStudyRunner(batch_runner.registry, batch_runner.equipment, slice_cache=store.study, headers=headers)
+    wanted = {"soft": {"seg", "sr"}, "sharp": {"seg"}}
+    prefetcher = Prefetcher(sessions=node.sessions, spool=node.spool, store=store, model=batch_runner.registry.get,
+                            routes={"soft": "lung-seg", "sharp": "lung-seg"}, idle=lambda: True, headers=headers,
+                            prepare=runner, route_outputs=lambda route, ae, host: wanted[route])  # fmt: skip
+    node.receive([pydicom.dcmread(p) for files in study_files.values() for p in files])
+    node.assembler.tick(now=clock.advance(0.1))
+    while prefetcher.step(clock.now):
+        pass
+    assert prefetcher.step(clock.advance(1)) is True
+    assert len(list(node.spool.root.rglob("*.part"))) == 3  # SEG + SR of one route, SEG of the other
+    outcomes: list[RunOutcome] = []
+
+    class Recording:
+        def run(self, pipeline, series_files, outputs):
+            outcomes.append(runner.run(pipeline, series_files, outputs))
+            return outcomes[-1]
+
+    assert len(node.assembler.tick(now=clock.advance(10))) == 2
+    assert node.worker(runner=Recording()).run_once() and node.worker(runner=Recording()).run_once()
+    assert [o.prepared for o in outcomes] == [True, True]
+    by_kinds = {tuple(str(ds.Modality) for ds in o.datasets): o for o in outcomes}
+    assert set(by_kinds) == {("SEG", "SR"), ("SEG",)}
+    assert_same_results(by_kinds[("SEG", "SR")], batch_outcome)
+    assert_same_results(by_kinds[("SEG",)], RunOutcome(datasets=batch_outcome.datasets[:1]))
+    assert list(node.spool.root.rglob("*.part")) == []  # every file written ahead was put in place
