@@ -585,22 +585,39 @@ def test_a_preparation_gives_up_when_a_job_needs_the_machine_but_not_when_its_ow
     assert_same_results(RunOutcome(datasets=stored), batch_outcome)
 
 
+class Recording:
+    """A study runner that hands each call to ``runner`` and keeps what it returned in ``outcomes``."""
+
+    def __init__(self, runner: OnnxStudyRunner, outcomes: list[RunOutcome]) -> None:
+        self.runner, self.outcomes = runner, outcomes
+
+    def run(self, pipeline, series_files, outputs):
+        self.outcomes.append(self.runner.run(pipeline, series_files, outputs))
+        return self.outcomes[-1]
+
+
+def _run_job(node, runner: OnnxStudyRunner, outcomes: list[RunOutcome]) -> None:
+    """A worker of the node takes the next job and runs it with ``runner``; what the runner returned is kept."""
+    assert node.worker(runner=Recording(runner, outcomes)).run_once()
+
+
+def _preparing(node, batch_runner, routes: dict[str, str], route_outputs) -> tuple[OnnxStudyRunner, Prefetcher]:
+    """The runner of the node's workers and its prefetch loop, which makes results ahead (always idle here)."""
+    store, headers = SliceStore(node.spool), HeaderCache()
+    runner = OnnxStudyRunner(batch_runner.registry, batch_runner.equipment, slice_cache=store.study, headers=headers)
+    prefetcher = Prefetcher(sessions=node.sessions, spool=node.spool, store=store, model=batch_runner.registry.get,
+                            routes=routes, idle=lambda: True, headers=headers, prepare=runner,
+                            route_outputs=route_outputs)  # fmt: skip
+    return runner, prefetcher
+
+
 def test_node_makes_a_quiet_studys_results_ahead_and_its_job_takes_them_only_if_nothing_arrived_since(
     tmp_path, batch_runner, batch_outcome, study_files
 ):
     clock = Clock()
     node = _lung_node(tmp_path, clock)
-    store, headers = SliceStore(node.spool), HeaderCache()
-    runner = OnnxStudyRunner(batch_runner.registry, batch_runner.equipment, slice_cache=store.study, headers=headers)
-    prefetcher = Prefetcher(sessions=node.sessions, spool=node.spool, store=store, model=batch_runner.registry.get,
-                            routes={"ct": "lung-seg"}, idle=lambda: True, headers=headers, prepare=runner,
-                            route_outputs=lambda route, ae, host: OUTPUTS)  # fmt: skip
+    runner, prefetcher = _preparing(node, batch_runner, {"ct": "lung-seg"}, lambda route, ae, host: OUTPUTS)
     outcomes: list[RunOutcome] = []
-
-    class Recording:
-        def run(self, pipeline, series_files, outputs):
-            outcomes.append(runner.run(pipeline, series_files, outputs))
-            return outcomes[-1]
 
     # A scanner sends the study but the last slice of the chosen series, then pauses (a gap).
     late = max(
@@ -622,7 +639,7 @@ def test_node_makes_a_quiet_studys_results_ahead_and_its_job_takes_them_only_if_
     assert prefetcher.slices_analysed == 60
     assert prefetcher.step(clock.advance(0.5)) is False and prefetcher.prepared == 1
     assert node.assembler.tick(now=clock.advance(10))
-    assert node.worker(runner=Recording()).run_once()
+    _run_job(node, runner, outcomes)
     assert not outcomes[-1].prepared  # made from 29 slices of the series: never taken for 30
     assert_same_results(outcomes[-1], batch_outcome)
     # The objects made ahead had been written into the spool (temp names); unused, they go at the next pass.
@@ -639,7 +656,7 @@ def test_node_makes_a_quiet_studys_results_ahead_and_its_job_takes_them_only_if_
     assert prefetcher.prepared == 1
     assert prefetcher.step(clock.advance(1)) is True and prefetcher.prepared == 2
     assert node.assembler.tick(now=clock.advance(10))
-    assert node.worker(runner=Recording()).run_once()
+    _run_job(node, runner, outcomes)
     assert outcomes[-1].prepared and len(outcomes[-1].written_ahead) == 2
     assert_same_results(outcomes[-1], batch_runner.run("lung-seg", _spooled(node), OUTPUTS))
     # The job put the files written ahead in place: the spool's results are those objects, no temp file is left.
@@ -661,11 +678,7 @@ def test_results_made_ahead_are_not_used_when_the_database_says_the_study_change
     # path, inode, time and size. The instance rows then still tell: each store sets its time of reception.
     clock = Clock()
     node = _lung_node(tmp_path, clock)
-    store, headers = SliceStore(node.spool), HeaderCache()
-    runner = OnnxStudyRunner(batch_runner.registry, batch_runner.equipment, slice_cache=store.study, headers=headers)
-    prefetcher = Prefetcher(sessions=node.sessions, spool=node.spool, store=store, model=batch_runner.registry.get,
-                            routes={"ct": "lung-seg"}, idle=lambda: True, headers=headers, prepare=runner,
-                            route_outputs=lambda route, ae, host: OUTPUTS)  # fmt: skip
+    runner, prefetcher = _preparing(node, batch_runner, {"ct": "lung-seg"}, lambda route, ae, host: OUTPUTS)
     node.receive([pydicom.dcmread(p) for files in study_files.values() for p in files])
     node.assembler.tick(now=clock.advance(0.1))
     while prefetcher.step(clock.now):
@@ -675,13 +688,8 @@ def test_results_made_ahead_are_not_used_when_the_database_says_the_study_change
         session.execute(update(Instance).where(Instance.id == 7).values(received_at=clock.now))
     outcomes: list[RunOutcome] = []
 
-    class Recording:
-        def run(self, pipeline, series_files, outputs):
-            outcomes.append(runner.run(pipeline, series_files, outputs))
-            return outcomes[-1]
-
     assert node.assembler.tick(now=clock.advance(10))
-    assert node.worker(runner=Recording()).run_once()
+    _run_job(node, runner, outcomes)
     assert [o.prepared for o in outcomes] == [True, False]  # taken by its file key, refused by the rows, made again
     assert "results made ahead not used: the study changed since" in caplog.text
     assert_same_results(outcomes[-1], batch_outcome)
@@ -704,12 +712,10 @@ def test_every_route_of_a_study_is_made_ahead_and_each_job_takes_its_own(
                  "destinations": ["viewer"], "stable_after_s": 5}],
     )  # fmt: skip
     node = build_node(tmp_path, clock, config)
-    store, headers = SliceStore(node.spool), HeaderCache()
-    runner = OnnxStudyRunner(batch_runner.registry, batch_runner.equipment, slice_cache=store.study, headers=headers)
     wanted = {"soft": {"seg", "sr"}, "sharp": {"seg"}}
-    prefetcher = Prefetcher(sessions=node.sessions, spool=node.spool, store=store, model=batch_runner.registry.get,
-                            routes={"soft": "lung-seg", "sharp": "lung-seg"}, idle=lambda: True, headers=headers,
-                            prepare=runner, route_outputs=lambda route, ae, host: wanted[route])  # fmt: skip
+    runner, prefetcher = _preparing(
+        node, batch_runner, {"soft": "lung-seg", "sharp": "lung-seg"}, lambda route, ae, host: wanted[route]
+    )
     node.receive([pydicom.dcmread(p) for files in study_files.values() for p in files])
     node.assembler.tick(now=clock.advance(0.1))
     while prefetcher.step(clock.now):
@@ -718,13 +724,11 @@ def test_every_route_of_a_study_is_made_ahead_and_each_job_takes_its_own(
     assert len(list(node.spool.root.rglob("*.part"))) == 3  # SEG + SR of one route, SEG of the other
     outcomes: list[RunOutcome] = []
 
-    class Recording:
-        def run(self, pipeline, series_files, outputs):
-            outcomes.append(runner.run(pipeline, series_files, outputs))
-            return outcomes[-1]
-
     assert len(node.assembler.tick(now=clock.advance(10))) == 2
-    assert node.worker(runner=Recording()).run_once() and node.worker(runner=Recording()).run_once()
+    assert (
+        node.worker(runner=Recording(runner, outcomes)).run_once()
+        and node.worker(runner=Recording(runner, outcomes)).run_once()
+    )
     assert [o.prepared for o in outcomes] == [True, True]
     by_kinds = {tuple(str(ds.Modality) for ds in o.datasets): o for o in outcomes}
     assert set(by_kinds) == {("SEG", "SR"), ("SEG",)}
