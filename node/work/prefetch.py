@@ -180,7 +180,7 @@ class Prefetcher:
         try:
             return self._step(now or utcnow())
         except Exception as exc:
-            log.debug("analysis ahead paused: %s: %s", type(exc).__name__, exc)
+            log.debug("analysis ahead paused: %s", one_line_reason(exc))  # a database error without its SQL
             return False
 
     def _step(self, now: datetime) -> bool:
@@ -287,7 +287,8 @@ class Prefetcher:
                 item = self.headers.read(path) if self.headers is not None else path
                 stored = read_stored_slice(self.model(pipeline), item)
             except Exception as exc:  # the job reads it again and says what is wrong, if anything
-                log.debug("slice %s not analysed ahead: %s: %s", relpath, type(exc).__name__, exc)
+                why = redact(one_line_reason(exc), study_identifying_values({"": [self.spool.abspath(relpath)]}))
+                log.debug("slice %s not analysed ahead: %s", relpath, why)  # said without the patient's values
                 stored = None
             if stored is None or stored.key in self.store.study(study_uid):
                 self._seen[instance_id] = received_at
@@ -307,7 +308,8 @@ class Prefetcher:
                     )
                 )
             except Exception as exc:  # the job runs the model itself, and fails with the reason if it must
-                log.debug("slices of study %s not analysed ahead: %s: %s", study_uid, type(exc).__name__, exc)
+                # The model's error on pixel arrays: no header value is in it.
+                log.debug("slices of study %s not analysed ahead: %s", study_uid, one_line_reason(exc))
                 done, failed = set(), True  # not tried again: the job computes them
             for instance_id, received_at, stored in slices:
                 if failed or stored.key in done:
