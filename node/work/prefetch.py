@@ -18,8 +18,9 @@ given, with the outputs its destinations take (:meth:`pipelines.study.OnnxStudyR
 that sends with gaps then has its results made when the stability wait ends; the job takes them only if
 its input is exactly the one they were made from, and otherwise analyses the study as usual. A
 preparation gives up between steps when a job needs the machine or an instance arrives. Each time a study
-was made ahead or had to give up, it waits twice as long before the next try (a sender that pauses often
-costs a few preparations, not one per pause).
+was made ahead, or its preparation gave up because more arrived, it waits twice as long before the next
+try, at most a quarter of its route's stability wait (a sender that pauses often costs a few preparations,
+not one per pause, and the last one still starts well before the study is complete).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ AGE_CHECK_EVERY = timedelta(minutes=10)
 LEASE_S = 30.0
 #: A study whose slices are all analysed has its results made ahead once it has been quiet this long.
 PREPARE_AFTER_S = 0.3
-#: After each preparation of a study (made or given up), it waits twice as long before the next, at most this.
+#: The longest quiet wait before a study is made ahead again (and at most a quarter of its stable_after_s).
 MAX_PREPARE_AFTER_S = 30.0
 
 
