@@ -310,10 +310,14 @@ class OnnxStudyRunner:
         modification time and size. The spool replaces a file by renaming a new one over it (a new inode), so
         a duplicate stored again, a new instance or a removed one each make another key.
         """
+        return self._key(pipeline, outputs, files_key(series_files))
+
+    def _key(self, pipeline: str, outputs: Iterable[ResultKind | str], files: str) -> str:
+        """:meth:`input_key` of the files whose :func:`files_key` is ``files``."""
         manifest = self.registry.get(pipeline).manifest
         settings = (pipeline, manifest.model_dump_json(), sorted(ResultKind(o).value for o in outputs),
                     self.omit_empty_frames, self.batch_size, self.max_volume_bytes, repr(self.equipment))  # fmt: skip
-        return hashlib.sha256(f"{settings!r}\n{files_key(series_files)}".encode()).hexdigest()
+        return hashlib.sha256(f"{settings!r}\n{files}".encode()).hexdigest()
 
     def prepare(
         self,
@@ -343,8 +347,8 @@ class OnnxStudyRunner:
         are dropped: that input is gone (a study's files only grow or are replaced).
         """
         wanted = list(outputs)
-        key = self.input_key(pipeline, series_files, wanted)
         files = files_key(series_files)
+        key = self._key(pipeline, wanted, files)
         with self._lock:
             if key in self._prepared:
                 return True
@@ -364,7 +368,7 @@ class OnnxStudyRunner:
                 raise ResultsNotBuilt(
                     "; ".join(f"{kind} not built: {why}" for kind, why in outcome.failed_outputs.items())
                 )
-            if self.input_key(pipeline, series_files, wanted) != key:
+            if files_key(series_files) != files:
                 return False  # a file changed while it was read: this outcome is of no input the job can have
             if finish is not None:
                 outcome = finish(key, outcome)

@@ -596,6 +596,13 @@ class Recording:
         return self.outcomes[-1]
 
 
+def _route_and_analyse(node, prefetcher: Prefetcher, clock: Clock) -> None:
+    """The assembler routes what arrived (the study stays receiving), and the prefetch loop analyses all of it."""
+    node.assembler.tick(now=clock.advance(0.1))
+    while prefetcher.step(clock.now):
+        pass
+
+
 def _run_job(node, runner: OnnxStudyRunner, outcomes: list[RunOutcome]) -> None:
     """A worker of the node takes the next job and runs it with ``runner``; what the runner returned is kept."""
     assert node.worker(runner=Recording(runner, outcomes)).run_once()
@@ -624,9 +631,7 @@ def test_node_makes_a_quiet_studys_results_ahead_and_its_job_takes_them_only_if_
         _chosen(study_files), key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
     )
     node.receive([pydicom.dcmread(p) for files in study_files.values() for p in files if p != late])
-    node.assembler.tick(now=clock.advance(0.1))
-    while prefetcher.step(clock.now):
-        pass
+    _route_and_analyse(node, prefetcher, clock)
     assert prefetcher.slices_analysed == 59 and prefetcher.prepared == 0  # not quiet long enough yet
     assert prefetcher.step(clock.advance(1)) is True and prefetcher.prepared == 1  # quiet: made ahead
     assert prefetcher.step(clock.now) is False  # once for the same arrivals
@@ -650,9 +655,7 @@ def test_node_makes_a_quiet_studys_results_ahead_and_its_job_takes_them_only_if_
     # A slice with lung in it is sent again with other pixels: a new version of the study. Quiet long enough,
     # its results are made ahead, and its job takes them: those of the files the spool holds now.
     _store_replaced(node, _with_other_pixels(pydicom.dcmread(_chosen(study_files)[15]), None), clock.now)
-    node.assembler.tick(now=clock.advance(0.1))
-    while prefetcher.step(clock.now):
-        pass
+    _route_and_analyse(node, prefetcher, clock)
     assert prefetcher.prepared == 1
     assert prefetcher.step(clock.advance(1)) is True and prefetcher.prepared == 2
     assert node.assembler.tick(now=clock.advance(10))
@@ -680,9 +683,7 @@ def test_results_made_ahead_are_not_used_when_the_database_says_the_study_change
     node = _lung_node(tmp_path, clock)
     runner, prefetcher = _preparing(node, batch_runner, {"ct": "lung-seg"}, lambda route, ae, host: OUTPUTS)
     node.receive([pydicom.dcmread(p) for files in study_files.values() for p in files])
-    node.assembler.tick(now=clock.advance(0.1))
-    while prefetcher.step(clock.now):
-        pass
+    _route_and_analyse(node, prefetcher, clock)
     assert prefetcher.step(clock.advance(1)) is True and prefetcher.prepared == 1
     with node.sessions() as session, session.begin():  # what a replacement the files do not show would leave
         session.execute(update(Instance).where(Instance.id == 7).values(received_at=clock.now))
@@ -717,9 +718,7 @@ def test_every_route_of_a_study_is_made_ahead_and_each_job_takes_its_own(
         node, batch_runner, {"soft": "lung-seg", "sharp": "lung-seg"}, lambda route, ae, host: wanted[route]
     )
     node.receive([pydicom.dcmread(p) for files in study_files.values() for p in files])
-    node.assembler.tick(now=clock.advance(0.1))
-    while prefetcher.step(clock.now):
-        pass
+    _route_and_analyse(node, prefetcher, clock)
     assert prefetcher.step(clock.advance(1)) is True
     assert len(list(node.spool.root.rglob("*.part"))) == 3  # SEG + SR of one route, SEG of the other
     outcomes: list[RunOutcome] = []

@@ -339,18 +339,7 @@ class Prefetcher:
             wait_s = self._prepare_after.get(uid, self.prepare_after_s)
             if (now - study.last_received_at).total_seconds() < wait_s:
                 continue
-            # The routes the assembler will make jobs of: those of series with instances in this version.
-            with self.sessions() as session:
-                found = session.execute(
-                    select(Series.route).where(
-                        Series.study_id == study.id,
-                        Series.route.in_(routes),
-                        Series.id.in_(
-                            select(Instance.series_id).where(Instance.study_version == study.version).distinct()
-                        ),
-                    )
-                ).scalars()
-                study_routes = sorted({route for route in found if route is not None})
+            study_routes = self._job_routes(study.id, study.version, routes)
             if not study_routes:
                 self._prepared_at[uid] = study.last_received_at  # nothing to make ahead until more arrives
                 continue
@@ -401,6 +390,18 @@ class Prefetcher:
                      time.monotonic() - started, wait_s)  # fmt: skip
             return True
         return False
+
+    def _job_routes(self, study_id: int, version: int, routes: list[str]) -> list[str]:
+        """Of ``routes``, those the assembler will make jobs of: of the study's series with instances in ``version``."""
+        with self.sessions() as session:
+            found = session.execute(
+                select(Series.route).where(
+                    Series.study_id == study_id,
+                    Series.route.in_(routes),
+                    Series.id.in_(select(Instance.series_id).where(Instance.study_version == version).distinct()),
+                )
+            ).scalars()
+            return sorted({route for route in found if route is not None})
 
     def _longest_wait(self, routes: list[str]) -> float:
         """The longest quiet wait before a study of these routes is made ahead: a quarter of its stability wait."""
