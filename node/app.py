@@ -74,8 +74,13 @@ class NodeApp:
         job_lease_s: float = 120.0,
         max_job_attempts: int = 3,
         assembler_poll_s: float = 0.5,
+        assemble: bool = True,
     ) -> None:
         self.config = config
+        #: Whether this process completes studies and queues their jobs (the assembler loop). A worker process that a
+        #: node starts does not: the node does, and wakes every worker process then (a job queued by one of them would
+        #: wake only its own workers, and the process that made the study's results ahead could miss it).
+        self.assembles = assemble
         node = config.node
         #: Read (and checked: ConfigError naming the file) before the database is touched; again on SIGHUP.
         self.tls = NodeTLS(config) if node.tls is not None else None
@@ -277,7 +282,7 @@ class NodeApp:
             "assembler", assemble, self._assembler_poll_s, log=log, due_in=lambda: assembler.next_due_s
         )
         self.loops = [
-            assemble_loop,
+            *([assemble_loop] if self.assembles else []),
             Loop("reclaimer", self._reclaim, max(1.0, self.job_lease_s / 2), log=log),
             Loop("retention", self.retention.run, 600.0, log=log),
         ]

@@ -110,6 +110,42 @@ def test_worker_processes_need_role_all(tmp_path: Path):
         load_config(path)
 
 
+def test_a_quiet_scanners_study_is_completed_by_the_node_and_its_job_taken_where_its_results_were_made_ahead(
+    tmp_path: Path, ct_dir: Path
+):
+    """One worker process analyses a study ahead (it holds the study's lease) and makes its results while it is
+    quiet. The node itself completes the study and wakes both processes: the job goes to that one, which takes
+    the results made ahead, rather than to the other, which would analyse the study again. A worker process that
+    completed the study itself would wake only its own workers (it did, before, in 2 of 3 measured rounds)."""
+    pacs = StoreSCP(tmp_path / "pacs", aet="PACS")
+    config = _lung_config(tmp_path, pacs)
+    config["peers"]["scanner"]["complete_on_release"] = False
+    config["routes"][0]["stable_after_s"] = 4
+    series = sorted(ct_dir.iterdir())[0]
+    try:
+        with NodeProcess(config, tmp_path / "n", cli=True) as node:
+            assert node.proc is not None
+            wait_for(lambda: len(children(node.proc.pid)) == 2 or None, 60)
+            for child in children(node.proc.pid):
+                # The children are told to leave the studies to the node.
+                assert "--no-assembler" in Path(f"/proc/{child}/cmdline").read_text().split("\0")
+            assert storescu(series, node.port, calling_ae="CTSCANNER").returncode == 0
+            wait_for(lambda: len(pacs.received()) >= 2 or None, 180, "SEG and SR at the PACS", node)
+            wait_for(lambda: "done in" in node.log_text(), 10, "the job's line", node)
+            lines = node.log_text().splitlines()
+
+            def tag(line: str) -> str:
+                return line.split("[", 1)[1].split("]", 1)[0] if "] ainode." in line and "[" in line else "node"
+
+            (complete,) = [line for line in lines if "complete (quiet for" in line]
+            assert tag(complete) == "node", complete  # completed by the node, which woke both processes
+            (made,) = [line for line in lines if "results made ahead in" in line]
+            (took,) = [line for line in lines if "results prepared while the study was quiet" in line]
+            assert tag(made) == tag(took) != "node", (made, took)
+    finally:
+        pacs.stop()
+
+
 def test_a_job_whose_worker_process_is_killed_is_run_again_by_another_and_delivered_once(tmp_path: Path, ct_dir: Path):
     pacs = StoreSCP(tmp_path / "pacs", aet="PACS")
     config = _lung_config(tmp_path, pacs)

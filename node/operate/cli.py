@@ -94,6 +94,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node.role = "receiver"
     elif node.role != "all":
         node.worker_processes = 0
+    if args.no_assembler and node.role != "worker":
+        # Only a worker process may leave completing studies to another: a receiver's studies would never complete.
+        raise ConfigError(f"--no-assembler is for worker processes (role worker), not role {node.role}")
     listener = tls_listener = api_listener = None
     # Every port is bound before the database, the spool or a worker is touched: a second node on a port
     # in use stops here, in one line.
@@ -111,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ListenError as exc:
         print(f"HTTP API: {exc}", file=sys.stderr)
         return 2
-    app = NodeApp(config)
+    app = NodeApp(config, assemble=not args.no_assembler)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -123,6 +126,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if children is not None:
         app.on_jobs_queued = children.wake
     app.start(listener, tls_listener, api_listener)
+    from node.operate.collector import settle
+
+    frozen = settle()  # what start loaded stays: left out of the collector's full scans
+    log.debug("garbage collector: %d objects of the start frozen", frozen)
     if children is not None:
         children.start()
         node_reload = signal.getsignal(signal.SIGHUP)
@@ -448,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-api", action="store_true", help="do not serve the HTTP API (the node's worker processes)")
     p.add_argument("--process-tag", help="name this process in every log line (the node's worker processes)")
+    p.add_argument(
+        "--no-assembler",
+        action="store_true",
+        help="do not complete studies nor queue jobs (the node's worker processes: the node does, and wakes them)",
+    )
     p.set_defaults(func=cmd_serve)
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)

@@ -7,7 +7,8 @@ jobs in two worker processes beside a receiving one brought the last result from
 job-time after the last instance (README, "Several scanners at once").
 
 The node (role all) then receives, assembles and serves the API itself, and starts ``n`` children
-``ainode serve --role worker --no-api`` with the same configuration file. It
+``ainode serve --role worker --no-api --no-assembler`` with the same configuration file. It completes the
+studies and queues their jobs itself (a child that did would wake only its own workers). It
 
 - restarts a child that exits (after 1 s, doubling up to a minute while it keeps failing),
 - wakes them (SIGUSR1) when it has queued a job, so that no job waits for their next poll,
@@ -74,7 +75,7 @@ class WorkerProcesses:
 
     def command(self, index: int) -> list[str]:
         return [sys.executable, "-m", "node.operate.cli", "serve", "--config", str(self.config_path),
-                "--role", "worker", "--no-api", "--process-tag", f"worker-{index}"]  # fmt: skip
+                "--role", "worker", "--no-api", "--no-assembler", "--process-tag", f"worker-{index}"]  # fmt: skip
 
     @property
     def pids(self) -> list[int]:

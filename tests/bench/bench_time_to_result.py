@@ -1,7 +1,7 @@
 """Benchmark (issue 4): time to result, from storescu's last instance to SEG and SR stored in Orthanc.
 
     python3 tests/bench/bench_time_to_result.py [--slices 300] [--stable-after 2] [--rounds 2] [--stream on|off]
-        [--no-first-study]
+        [--no-first-study] [--worker-processes N]
 
 A 300-slice 512 x 512 CT (made from the real TCIA A0002 CT, CC BY 4.0, as in bench_ingest.py) is
 sent by DCMTK storescu to ``ainode serve`` (lung-seg route, results to a real Orthanc; after a 30-slice
@@ -101,6 +101,7 @@ def one_run(
     on_release: bool,
     stream: bool = True,
     warm_up: bool = True,
+    worker_processes: int = 0,
 ) -> dict:
     study = make_study(work / "study", slices)
     study_uid = pydicom.dcmread(next(study.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
@@ -112,6 +113,7 @@ def one_run(
             "spool_dir": str(work / "spool"),
             "database_url": f"sqlite:///{work}/node.db",
             "workers": 1,
+            "worker_processes": worker_processes,
             "log_level": "INFO",  # the job's line gives its steps (read, volume, model, write, store)
         },
         "peers": {
@@ -196,6 +198,7 @@ def main() -> None:
         default=True,
         help="first time each sender's study as the node's first after its start (no warm-up)",
     )
+    parser.add_argument("--worker-processes", type=int, default=0, help="node.worker_processes (jobs in children)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ttr-") as tmp, OrthancServer(Path(tmp) / "orthanc") as orthanc:
@@ -203,7 +206,9 @@ def main() -> None:
         for r in range(0 if args.first_study else 1, args.rounds + 1):
             for on_release in (False, True):
                 work = Path(tmp) / f"r{r}-{int(on_release)}"
-                row = one_run(work, orthanc, args.slices, args.stable_after, on_release, args.stream == "on", r > 0)
+                first_study = r == 0
+                row = one_run(work, orthanc, args.slices, args.stable_after, on_release, args.stream == "on",
+                              not first_study, args.worker_processes)  # fmt: skip
                 orthanc.clear()
                 if r > 0:
                     rows.append(row)
