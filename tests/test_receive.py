@@ -214,6 +214,9 @@ def test_store_returns_failure_when_database_unavailable(tmp_path):
             assert _store_with_pynetdicom(r.port, get_testdata_file("CT_small.dcm")) == 0
             pg.stop()
             assert _store_with_pynetdicom(r.port, str(second)) == 0xA700
+            # Its file was flushed while the row was written, and never put in place: nothing is left of it.
+            first = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True).SOPInstanceUID
+            assert [p.name for p in r.spool.root.rglob("*") if p.is_file()] == [f"{first}.dcm"]
             pg.start()
             # The node kept serving: once the database is back, the same instance is accepted.
             assert _store_with_pynetdicom(r.port, str(second)) == 0x0000
@@ -230,3 +233,41 @@ def test_the_listener_does_not_collect_garbage_every_few_seconds_between_c_store
     monkeypatch.setattr(gc, "collect", lambda *args: collections.append(time.monotonic()) or 0)
     time.sleep(4)
     assert collections == []
+
+
+def test_a_c_store_whose_file_cannot_be_flushed_to_the_disk_is_refused_and_leaves_no_row_or_file(tmp_path, monkeypatch):
+    """The file is flushed in the background while its row is written; the row commits only once it is on the
+    disk. A flush that fails (an I/O error) refuses the C-STORE with 0xA700 and rolls the row back."""
+    import errno
+    import os as real_os
+
+    import node.receive.spool as spool_module
+
+    flushed: list[int] = []
+    fail = [True]
+    real_fsync = real_os.fsync
+
+    def fsync(fd: int) -> None:
+        if fail[0] and real_os.fstat(fd).st_size > 100_000:  # the instance's file, not a folder
+            raise OSError(errno.EIO, "Input/output error")
+        flushed.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(spool_module.os, "fsync", fsync)
+    r = start_receiver(tmp_path)
+    try:
+        ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ct.PixelData = bytes(200_000)
+        ct.Rows, ct.Columns = 250, 400
+        path = tmp_path / "ct.dcm"
+        ct.save_as(path)
+        assert _store_with_pynetdicom(r.port, str(path)) == 0xA700
+        assert r.instances() == {}
+        assert not [p for p in r.spool.root.rglob("*") if p.is_file()]  # neither the file nor its temp file
+        fail[0] = False
+        assert _store_with_pynetdicom(r.port, str(path)) == 0x0000  # the node goes on: the next one is kept
+        (row,) = r.instances().values()
+        assert r.spool.abspath(row.path).stat().st_size == row.size_bytes
+        assert flushed  # flushed before it was acknowledged
+    finally:
+        r.stop()

@@ -34,7 +34,7 @@ from node.audit import trail
 from node.receive.duplicates import DuplicateDecision, DuplicatePolicy, Verdict, judge
 from node.receive.encoding import EncodingProblem, decode
 from node.receive.ingest import AlreadyIndexed, InstanceIndex, ReceivedInstance
-from node.receive.spool import Spool, SpoolError, valid_uid
+from node.receive.spool import Spool, SpoolError, StagedFile, valid_uid
 from node.tls import describe_tls_error, handshake
 from pipelines.pixeldata import pixel_data_problem
 
@@ -726,17 +726,28 @@ class StorageSCP:
             # Almost every instance is new, with no file at its path: it is not looked up first (half a
             # millisecond a C-STORE); the row's INSERT finds a UID kept already, and then it is judged below.
             try:
-                size = self.spool.write_encoded(relpath, event.file_meta, encoded)
+                # Written now and flushed to the disk while its row is written; put in place before the row's commit.
+                staged = self.spool.stage_encoded(relpath, event.file_meta, encoded)
             except SpoolError as exc:
                 log.error("C-STORE %s failed: spool: %s", sop_uid, exc)
                 return _failure(OUT_OF_RESOURCES, f"spool: {exc.strerror or exc}")
             try:
-                return self._record(inst, relpath, size, state, replaced=False, expect_new=True)
+                return self._record(
+                    inst, relpath, staged.size, state, replaced=False, expect_new=True, before_commit=staged
+                )
             except AlreadyIndexed as exc:
                 if exc.relpath != relpath:
-                    self.spool.remove(relpath)  # kept elsewhere (another study or series): no row points here
+                    staged.discard()  # kept elsewhere (another study or series): no row points here
                 else:
-                    rewritten = True  # its file was missing: judged as such (another one is there now, ours)
+                    try:
+                        staged.put_in_place()  # its file was missing: judged as such (another one is there now, ours)
+                    except SpoolError as error:
+                        log.error("C-STORE %s failed: spool: %s", sop_uid, error)
+                        return _failure(OUT_OF_RESOURCES, f"spool: {error.strerror or error}")
+                    rewritten = True
+            except BaseException:
+                staged.discard()  # not put in place (the database failed, or the file could not be): nothing kept
+                raise
         try:
             stored = self.index.find(sop_uid)
         except SQLAlchemyError as exc:
@@ -783,8 +794,12 @@ class StorageSCP:
         *,
         replaced: bool,
         expect_new: bool = False,
+        before_commit: StagedFile | None = None,
     ) -> int | Dataset:
-        """Index the instance; ``expect_new``: raise :class:`AlreadyIndexed` if its UID has a row already."""
+        """Index the instance; ``expect_new``: raise :class:`AlreadyIndexed` if its UID has a row already.
+
+        ``before_commit``: the instance's file, put in place (on the disk) before its row is committed.
+        """
         try:
             outcome = self.index.record(
                 inst,
@@ -795,10 +810,16 @@ class StorageSCP:
                 association_id=state.row_id if state else None,
                 replaced=replaced,
                 expect_new=expect_new,
+                before_commit=before_commit.put_in_place if before_commit is not None else None,
             )
         except SQLAlchemyError as exc:
             log.error("C-STORE %s failed: database: %s", inst.sop_instance_uid, type(exc).__name__)
+            if before_commit is not None:
+                before_commit.discard()
             return _failure(OUT_OF_RESOURCES, "database unavailable")
+        except SpoolError as exc:  # the file could not be put in place: its row is rolled back
+            log.error("C-STORE %s failed: spool: %s", inst.sop_instance_uid, exc)
+            return _failure(OUT_OF_RESOURCES, f"spool: {exc.strerror or exc}")
         if state is not None:
             state.study_ids.add(outcome.study_id)
         return SUCCESS

@@ -12,8 +12,10 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,6 +23,26 @@ from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
+
+
+def _dicom_file(file_meta: FileMetaDataset, encoded_dataset: bytes | memoryview) -> Callable[[BinaryIO], None]:
+    """What writes a DICOM file of ``file_meta`` and a dataset as the sender encoded it."""
+
+    def body(fh: BinaryIO) -> None:
+        fh.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(fh), file_meta, enforce_standard=True)
+        fh.write(encoded_dataset)
+
+    return body
+
+
+def _flush_and_close(fh: BinaryIO, fsync: bool = True) -> None:
+    try:
+        if fsync:
+            os.fsync(fh.fileno())
+    finally:
+        fh.close()
+
 
 # DICOM UIDs are digits and dots only (PS3.5 9.1); anything else would let a sender
 # write outside its study folder, so it is refused before it becomes a path.
@@ -74,6 +96,42 @@ class SpoolError(OSError):
     """The spool could not keep a file (disk full, permissions, ...)."""
 
 
+class StagedFile:
+    """A file written under its temp name and being flushed to the disk (:meth:`Spool.stage_encoded`).
+
+    :meth:`put_in_place` waits for the flush, renames it into place and flushes its folder: only then is it kept.
+    :meth:`discard` removes it. One of the two must be called.
+    """
+
+    def __init__(self, spool: Spool, relpath: str, tmp: Path, size: int, synced: Future[None] | None) -> None:
+        self.spool = spool
+        self.relpath = relpath
+        self.tmp = tmp
+        #: The file's size in bytes.
+        self.size = size
+        self._synced = synced
+
+    def put_in_place(self) -> int:
+        """Rename the file into place once it is on the disk, durably (its folder fsynced); returns its size."""
+        final = self.spool.root / self.relpath
+        try:
+            if self._synced is not None:
+                self._synced.result()
+            os.replace(self.tmp, final)
+            if self.spool.fsync:
+                self.spool._fsync_dir(final.parent)
+        except OSError as exc:
+            self.tmp.unlink(missing_ok=True)
+            raise SpoolError(exc.errno, f"cannot write {self.relpath}: {exc.strerror or exc}") from exc
+        return self.size
+
+    def discard(self) -> None:
+        """Remove the file (its flush ended first: the descriptor is closed by it)."""
+        if self._synced is not None:
+            self._synced.exception()  # waits; a failed flush does not matter for a file that goes
+        self.tmp.unlink(missing_ok=True)
+
+
 def valid_uid(value: object) -> bool:
     return isinstance(value, str) and bool(_UID.match(value))
 
@@ -99,6 +157,9 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        #: Flushes of staged files (:meth:`stage_encoded`), made while the caller writes the instance's row.
+        self._flushes: ThreadPoolExecutor | None = None
+        self._flushes_lock = threading.Lock()
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -147,12 +208,19 @@ class Spool:
         Returns the file size in bytes.
         """
 
-        def body(fh: BinaryIO) -> None:
-            fh.write(b"\x00" * 128 + b"DICM")
-            write_file_meta_info(DicomFileLike(fh), file_meta, enforce_standard=True)
-            fh.write(encoded_dataset)
+        return self._stage(relpath, _dicom_file(file_meta, encoded_dataset), background=False).put_in_place()
 
-        return self._write_atomically(relpath, body)
+    def stage_encoded(
+        self, relpath: str, file_meta: FileMetaDataset, encoded_dataset: bytes | memoryview
+    ) -> StagedFile:
+        """Like :meth:`write_encoded`, in two steps: the file is written under its temp name now and flushed to the
+        disk in the background while the caller goes on (a C-STORE writes its row meanwhile); it is kept only
+        by :meth:`StagedFile.put_in_place`, which waits for the flush, renames it and flushes its folder.
+
+        The flush (0.6 ms for a CT slice here) and the row (0.5-0.8 ms of mostly Python) then overlap
+        instead of following each other on every C-STORE.
+        """
+        return self._stage(relpath, _dicom_file(file_meta, encoded_dataset), background=True)
 
     def write_dataset(self, relpath: str, ds: Dataset) -> int:
         """Write a complete dataset (with ``file_meta``) such as a result object."""
@@ -185,33 +253,47 @@ class Spool:
             (self.root / relpath).unlink(missing_ok=True)
 
     def _write_atomically(self, relpath: str, body: Callable[[BinaryIO], None]) -> int:
+        return self._stage(relpath, body, background=False).put_in_place()
+
+    def _stage(self, relpath: str, body: Callable[[BinaryIO], None], background: bool) -> StagedFile:
+        """Write ``body`` to a temp file beside ``relpath`` and flush it (``background``: in a thread of this spool)."""
         final = self.root / relpath
         directory = final.parent
         tmp = temp_path(final)
+        synced: Future[None] | None = None
         try:
             if directory not in self._known_dirs:
                 self._make_dir(directory)
             try:
-                opened = open(tmp, "wb")
+                fh = open(tmp, "wb")
             except FileNotFoundError:
                 # Another process sharing this spool removed the folder since this one made it (its
                 # retention deleted the study): make it again, once; a second failure is real.
                 self._known_dirs.discard(directory)
                 self._make_dir(directory)
-                opened = open(tmp, "wb")
-            with opened as fh:
+                fh = open(tmp, "wb")
+            try:
                 body(fh)
                 fh.flush()
-                if self.fsync:
-                    os.fsync(fh.fileno())
                 size = fh.tell()
-            os.replace(tmp, final)
-            if self.fsync:
-                self._fsync_dir(directory)
-            return size
+            except BaseException:
+                fh.close()
+                raise
+            if self.fsync and background:
+                synced = self._flush_pool().submit(_flush_and_close, fh)
+            else:
+                _flush_and_close(fh, self.fsync)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise SpoolError(exc.errno, f"cannot write {relpath}: {exc.strerror or exc}") from exc
+        return StagedFile(self, relpath, tmp, size, synced)
+
+    def _flush_pool(self) -> ThreadPoolExecutor:
+        with self._flushes_lock:
+            if self._flushes is None:
+                # One flush per C-STORE in progress: a few associations at once.
+                self._flushes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-flush")
+            return self._flushes
 
     def _make_dir(self, directory: Path) -> None:
         """Create ``directory`` (and missing parents) and remember it: later writes skip the check."""
