@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, cast
@@ -143,6 +144,24 @@ class InstanceIndex:
         self._duplicates: dict[int | None, dict[str, tuple[str, int]]] = {}
         self._lock = threading.Lock()
 
+    @contextmanager
+    def _transaction(self, before_commit: Callable[[], object] | None) -> Iterator[Connection]:
+        """One transaction, committed when its block ends (``before_commit`` called first), rolled back if it raises.
+
+        A Connection, not an ORM Session: the statements are SQL already, and the connection's bookkeeping
+        was a third of the row's cost on the C-STORE's path.
+        """
+        try:
+            with self._engine.begin() as connection:
+                yield connection
+                if before_commit is not None:
+                    before_commit()
+        except BaseException:
+            # A series row made in a transaction rolled back is gone with it: its cached id must not be used again.
+            with self._lock:
+                self._series_ids.clear()
+            raise
+
     def _study_row(
         self,
         connection: Connection,
@@ -191,7 +210,8 @@ class InstanceIndex:
                 .on_conflict_do_nothing(index_elements=["series_instance_uid"])
             )
             series_id = connection.execute(query).scalar_one()
-        # Cached by record() once its transaction commits: a row of a transaction rolled back is not kept.
+        with self._lock:
+            self._series_ids[inst.series_instance_uid] = series_id
         return series_id
 
     def _count_duplicate(self, association_id: int | None, study_uid: str, state: str) -> None:
@@ -250,93 +270,68 @@ class InstanceIndex:
         committed row never points to a file that is not on the disk); what it raises rolls the rows back.
         """
         now = now or utcnow()
-        # A Connection, not an ORM Session: the statements are SQL already, and the connection's bookkeeping
-        # was a third of the row's cost on the C-STORE's path.
-        with self._engine.begin() as connection:
-            outcome, series_id = self._write_rows(connection, inst, relpath, size_bytes, calling_ae, calling_host,
-                                                  association_id, now, replaced, expect_new)  # fmt: skip
-            if before_commit is not None:
-                before_commit()
-        with self._lock:
-            self._series_ids[inst.series_instance_uid] = series_id
-        if outcome.new_version:
-            uid, version = inst.study_instance_uid, outcome.study_version
-            log.info("study %s re-opened as version %d by a late instance", uid, version)
-        elif outcome.ignored_late:
-            log.info("study %s: late instance kept, not processed (late_instances: ignore)", inst.study_instance_uid)
-        return outcome
-
-    def _write_rows(
-        self,
-        connection: Connection,
-        inst: ReceivedInstance,
-        relpath: str,
-        size_bytes: int,
-        calling_ae: str | None,
-        calling_host: str | None,
-        association_id: int | None,
-        now: datetime,
-        replaced: bool,
-        expect_new: bool,
-    ) -> tuple[IndexOutcome, int]:
-        """The rows of :meth:`record`, not committed; returns the outcome and the instance's series id."""
         new_version = ignored = False
-        study = self._study_row(connection, inst, calling_ae, calling_host, now)
-        version = study.version
-        receiving = study.state == StudyState.RECEIVING
-        if not receiving and self.late_instances == "new-version":
-            version += 1
-        series_id = self._series_id(connection, inst, study.id)
-        inserted = cast(
-            CursorResult[Any],
-            connection.execute(
-                _INSERT_INSTANCE,
-                {
-                    "series_id": series_id,
-                    "sop_instance_uid": inst.sop_instance_uid,
-                    "sop_class_uid": inst.sop_class_uid,
-                    "transfer_syntax_uid": inst.transfer_syntax_uid,
-                    "path": relpath,
-                    "size_bytes": size_bytes,
-                    "study_version": version,
-                    "received_at": now,
-                    "association_id": association_id,
-                },
-            ),
-        ).rowcount
-        if not inserted and expect_new:
-            kept_at = connection.execute(_INSTANCE_PATH, {"uid": inst.sop_instance_uid}).scalar_one()
-            raise AlreadyIndexed(kept_at)  # rolls the transaction back
-        if not inserted and not replaced:
-            # Same SOP Instance UID again, same content (the C-STORE handler checked): idempotent.
-            if not receiving:
-                self._count_duplicate(association_id, inst.study_instance_uid, str(study.state))
-            return IndexOutcome(study.id, study.version, True, False, False), series_id
-        if not inserted:
-            connection.execute(
-                update(Instance)
-                .where(Instance.sop_instance_uid == inst.sop_instance_uid)
-                .values(size_bytes=size_bytes, received_at=now, association_id=association_id,
-                        transfer_syntax_uid=inst.transfer_syntax_uid, study_version=version)
-            )  # fmt: skip
-        added = 0 if replaced else 1
-        if receiving:
-            connection.execute(_BUMP_STUDY, {"now": now, "id": study.id, "added": added})
-            return IndexOutcome(study.id, version, False, False, False), series_id
-        # A late instance (or changed content): the study was complete already.
-        values: dict[str, object] = {"last_received_at": now, "instance_count": Study.instance_count + added}
-        if self.late_instances == "new-version":
-            new_version = True
-            values.update(
-                study_values(inst.study_instance_uid, study.state, StudyState.RECEIVING),
-                version=version,
-                sender_ae=calling_ae,
-                sender_host=calling_host,
-            )
-        else:
-            ignored = True
-        connection.execute(update(Study).where(Study.id == study.id).values(**values))
-        return IndexOutcome(study.id, version, False, new_version, ignored), series_id
+        with self._transaction(before_commit) as connection:
+            study = self._study_row(connection, inst, calling_ae, calling_host, now)
+            version = study.version
+            receiving = study.state == StudyState.RECEIVING
+            if not receiving and self.late_instances == "new-version":
+                version += 1
+            series_id = self._series_id(connection, inst, study.id)
+            inserted = cast(
+                CursorResult[Any],
+                connection.execute(
+                    _INSERT_INSTANCE,
+                    {
+                        "series_id": series_id,
+                        "sop_instance_uid": inst.sop_instance_uid,
+                        "sop_class_uid": inst.sop_class_uid,
+                        "transfer_syntax_uid": inst.transfer_syntax_uid,
+                        "path": relpath,
+                        "size_bytes": size_bytes,
+                        "study_version": version,
+                        "received_at": now,
+                        "association_id": association_id,
+                    },
+                ),
+            ).rowcount
+            if not inserted and expect_new:
+                kept_at = connection.execute(_INSTANCE_PATH, {"uid": inst.sop_instance_uid}).scalar_one()
+                raise AlreadyIndexed(kept_at)  # rolls the transaction back
+            if not inserted and not replaced:
+                # Same SOP Instance UID again, same content (the C-STORE handler checked): idempotent.
+                if not receiving:
+                    self._count_duplicate(association_id, inst.study_instance_uid, str(study.state))
+                return IndexOutcome(study.id, study.version, True, False, False)
+            if not inserted:
+                connection.execute(
+                    update(Instance)
+                    .where(Instance.sop_instance_uid == inst.sop_instance_uid)
+                    .values(size_bytes=size_bytes, received_at=now, association_id=association_id,
+                            transfer_syntax_uid=inst.transfer_syntax_uid, study_version=version)
+                )  # fmt: skip
+            added = 0 if replaced else 1
+            if receiving:
+                connection.execute(_BUMP_STUDY, {"now": now, "id": study.id, "added": added})
+                return IndexOutcome(study.id, version, False, False, False)
+            # A late instance (or changed content): the study was complete already.
+            values: dict[str, object] = {"last_received_at": now, "instance_count": Study.instance_count + added}
+            if self.late_instances == "new-version":
+                new_version = True
+                values.update(
+                    study_values(inst.study_instance_uid, study.state, StudyState.RECEIVING),
+                    version=version,
+                    sender_ae=calling_ae,
+                    sender_host=calling_host,
+                )
+            else:
+                ignored = True
+            connection.execute(update(Study).where(Study.id == study.id).values(**values))
+        if new_version:
+            log.info("study %s re-opened as version %d by a late instance", inst.study_instance_uid, version)
+        elif ignored:
+            log.info("study %s: late instance kept, not processed (late_instances: ignore)", inst.study_instance_uid)
+        return IndexOutcome(study.id, version, False, new_version, ignored)
 
 
 def reconcile_spool(spool: Spool, index: InstanceIndex) -> int:
