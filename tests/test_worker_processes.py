@@ -103,6 +103,16 @@ def test_worker_processes_do_not_outlive_a_node_killed_with_sigkill(tmp_path: Pa
     wait_for(lambda: not alive(child) or None, 30)
 
 
+def test_only_a_worker_process_may_leave_completing_studies_to_its_node(tmp_path: Path):
+    # A receiving node started with --no-assembler would keep every study open for ever: it does not start.
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path)))
+    serve = [sys.executable, "-m", "node.operate.cli", "serve", "--config", str(path), "--no-assembler"]
+    ran = subprocess.run(serve, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert ran.returncode == 2, ran.stderr
+    assert "--no-assembler is for worker processes (role worker), not role all" in ran.stderr
+
+
 def test_worker_processes_need_role_all(tmp_path: Path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(_config(tmp_path, worker_processes=2, role="worker", port=None)))
