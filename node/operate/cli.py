@@ -70,6 +70,9 @@ def _sessions(config: Config):  # type: ignore[no-untyped-def]
 
 # -- commands --------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    from node.operate.allocator import ARENAS, limit_arenas
+
+    arenas_limited = limit_arenas()  # first, before any thread: they share two heaps, not one each
     from node.app import NodeApp
     from node.models import model_names, unknown_pipelines
     from node.receive.scp import ListenError, listen
@@ -130,6 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     frozen = settle()  # what start loaded stays: left out of the collector's full scans
     log.debug("garbage collector: %d objects of the start frozen", frozen)
+    log.debug("C allocator: %s", f"{ARENAS} heaps for all threads" if arenas_limited else "as the environment says")
     if children is not None:
         children.start()
         node_reload = signal.getsignal(signal.SIGHUP)
