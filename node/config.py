@@ -114,8 +114,10 @@ class NodeSettings(_Strict):
     workers: int = Field(2, ge=1, le=64)
     role: Literal["all", "receiver", "worker"] = "all"
     #: Role all only: run the jobs in this many child processes (role worker, ``workers`` threads each) that the
-    #: node starts, restarts and stops; this process receives. 0: jobs in this process's threads.
-    worker_processes: int = Field(0, ge=0, le=32)
+    #: node starts, restarts and stops; this process receives. 0: jobs in this process's threads. auto: the
+    #: ``workers`` jobs in as many processes of one thread each on 2 cores or more with 2 GiB each, CPU inference
+    #: (node/operate/supervise.py, ``plan``); else 0.
+    worker_processes: Literal["auto"] | Annotated[int, Field(ge=0, le=32)] = "auto"
     models_dirs: list[Path] = []
     #: DICOM UID of this node as a device; None: derived from the AE title and host name.
     device_uid: str | None = None
@@ -177,7 +179,7 @@ class NodeSettings(_Strict):
 
     @model_validator(mode="after")
     def _supervised(self) -> NodeSettings:
-        if self.worker_processes and self.role != "all":
+        if self.worker_processes not in (0, "auto") and self.role != "all":
             raise ValueError(
                 f"worker_processes ({self.worker_processes}) needs role all: a node of role {self.role} runs as one "
                 "process (start worker processes of their own for role worker)"

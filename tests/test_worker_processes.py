@@ -15,7 +15,8 @@ from sqlalchemy import select
 
 from db.engine import make_engine, make_session_factory
 from db.models import Job, JobState
-from node.config import ConfigError, load_config
+from node.config import ConfigError, NodeSettings, load_config
+from node.operate.supervise import plan, usable_cpus, usable_memory_bytes
 from tests.support import REPO
 from tests.support.nodeproc import NodeProcess, node_section
 from tests.support.peers import StoreSCP, storescu
@@ -43,10 +44,10 @@ def _config(tmp_path: Path, **node: object) -> dict:
     return {"node": {**node_section(tmp_path), **node}, "routes": []}
 
 
-def _lung_config(tmp_path: Path, pacs: StoreSCP) -> dict:
+def _lung_config(tmp_path: Path, pacs: StoreSCP, **node: object) -> dict:
     """2 worker processes of 1 thread; CT to lung-seg, complete when the scanner releases, SEG + SR to ``pacs``."""
     return {
-        "node": {**node_section(tmp_path), "worker_processes": 2, "workers": 1},
+        "node": {**node_section(tmp_path), "worker_processes": 2, "workers": 1, **node},
         "peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port, "outputs": ["seg", "sr"]},
                   "scanner": {"ae_title": "CTSCANNER", "host": "127.0.0.1", "port": 1, "complete_on_release": True}},
         "routes": [{"name": "ct", "match": {"Modality": "CT"}, "pipeline": "lung-seg", "destinations": ["pacs"],
@@ -54,14 +55,26 @@ def _lung_config(tmp_path: Path, pacs: StoreSCP) -> dict:
     }  # fmt: skip
 
 
-def test_a_lung_ct_is_analysed_in_a_worker_process_and_its_results_reach_the_pacs(tmp_path: Path, ct_dir: Path):
+@pytest.mark.parametrize("setting", ["2 of 1 thread", "auto (the default)"])
+def test_a_lung_ct_is_analysed_in_a_worker_process_and_its_results_reach_the_pacs(
+    tmp_path: Path, ct_dir: Path, setting: str
+):
     pacs = StoreSCP(tmp_path / "pacs", aet="PACS")
-    config = _lung_config(tmp_path, pacs)
+    # auto with the default's 2 jobs at once; on this machine (2 cores or more, 4 GiB or more): 2 processes of 1 thread.
+    auto = {"worker_processes": "auto", "workers": 2} if setting.startswith("auto") else {}
+    assert not auto or NodeSettings().worker_processes == "auto" and NodeSettings().workers == 2
+    here = plan("auto", 2, cpus=usable_cpus(), memory_bytes=usable_memory_bytes(), providers=["CPUExecutionProvider"])
+    if auto and here.processes != 2:
+        pytest.skip(f"auto keeps the jobs in the node here ({here.why})")
+    config = _lung_config(tmp_path, pacs, **auto)
     series = sorted(ct_dir.iterdir())[0]
     try:
         with NodeProcess(config, tmp_path / "n", cli=True) as node:
             assert node.proc is not None
             workers = wait_for(lambda: children(node.proc.pid) if len(children(node.proc.pid)) == 2 else None, 60)
+            if auto:
+                chosen = "jobs run in 2 worker processes of 1 job thread each (worker_processes: auto, "
+                assert chosen in node.log_text()
             sent = storescu(series, node.port, calling_ae="CTSCANNER")
             assert sent.returncode == 0, sent.stderr
             # Completed on the scanner's release, analysed by a worker process, sent by it to the PACS.

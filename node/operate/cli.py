@@ -88,14 +88,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         problems = unknown_pipelines(config, model_names(config))
         if problems:
             raise ConfigError("\n".join(problems))
-    children = None
-    if node.role == "all" and node.worker_processes:
-        # The jobs run in worker processes started here; this one receives (node/operate/supervise.py).
-        from node.operate.supervise import WorkerProcesses
+    children = jobs = None
+    if node.role == "all":
+        # The jobs run in worker processes started here, if any; this one receives (node/operate/supervise.py).
+        from node.operate.supervise import WorkerProcesses, plan, usable_cpus, usable_memory_bytes
 
-        children = WorkerProcesses(config.source.path, node.worker_processes)
-        node.role = "receiver"
-    elif node.role != "all":
+        providers: list[str] = []
+        if node.worker_processes == "auto":
+            from pipelines.runtime import choose_providers
+
+            providers = choose_providers(None if config.runtime.providers == "auto" else config.runtime.providers)
+        jobs = plan(node.worker_processes, node.workers, cpus=usable_cpus(), memory_bytes=usable_memory_bytes(),
+                    providers=providers)  # fmt: skip
+        if jobs.processes:
+            auto = node.worker_processes == "auto"
+            children = WorkerProcesses(config.source.path, jobs.processes, threads=jobs.threads if auto else None)
+            node.role = "receiver"
+        node.worker_processes = jobs.processes
+    else:
         node.worker_processes = 0
     if args.no_assembler and node.role != "worker":
         # Only a worker process may leave completing studies to another: a receiver's studies would never complete.
@@ -134,6 +144,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     frozen = settle()  # what start loaded stays: left out of the collector's full scans
     log.debug("garbage collector: %d objects of the start frozen", frozen)
     log.debug("C allocator: %s", f"{ARENAS} heaps for all threads" if arenas_limited else "as the environment says")
+    if jobs is not None:
+        where = f"{jobs.processes} worker processes of {jobs.threads} job thread{'s' if jobs.threads != 1 else ''} each"
+        log.info("jobs run in %s (%s)", where if jobs.processes else f"this process's {jobs.threads} threads", jobs.why)
     if children is not None:
         children.start()
         node_reload = signal.getsignal(signal.SIGHUP)

@@ -16,6 +16,12 @@ studies and queues their jobs itself (a child that did would wake only its own w
 
 A child is also told by the kernel (Linux ``PR_SET_PDEATHSIG``) to stop when the node dies without stopping
 it (SIGKILL, a crash): no worker is left behind. Jobs it was running are taken over by the lease mechanism.
+
+``worker_processes: auto`` (the default) chooses (:func:`plan`): on a machine with at least 2 usable cores and 2 GiB
+of memory per process, the node's ``workers`` jobs at once run in as many processes (at most one per core), of
+one job thread each; otherwise, and for GPU inference (each process would hold a GPU context of its own), in
+the node's own threads. Measured on 2 cores with the memory of each process bounded (node/operate/allocator.py),
+four scanners' CTs came back within 1.12-1.16 batch job-times at 1.3 GB, against 2.05-2.21 in one process.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 log = logging.getLogger("ainode.supervise")
 
@@ -39,6 +47,73 @@ MAX_RESTART_S = 60.0
 HEALTHY_AFTER_S = 60.0
 #: How long stop() waits for the children to finish their jobs before it kills them.
 STOP_TIMEOUT_S = 30.0
+#: Memory that ``worker_processes: auto`` counts per worker process: a 300-slice CT job's peak was 0.6 GB.
+MEMORY_PER_PROCESS = 2 << 30
+#: Execution providers that run the models on a GPU: one process's sessions share it.
+GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
+                           "MIGraphXExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider"})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class JobProcesses:
+    """Where a node of role all runs its jobs (:func:`plan`)."""
+
+    #: Worker processes; 0: the node's own threads.
+    processes: int
+    #: Job threads of each worker process.
+    threads: int
+    #: Why, for the log: the setting, and for ``auto`` what it saw.
+    why: str
+
+
+def plan(
+    setting: int | Literal["auto"], workers: int, *, cpus: int, memory_bytes: int | None, providers: list[str]
+) -> JobProcesses:
+    """How many worker processes ``worker_processes: setting`` means on this machine.
+
+    ``auto``: ``workers`` jobs at once, in as many processes of one job thread each (``workers`` // processes
+    threads when cores or memory allow fewer processes), when there are at least 2 of them; else 0.
+    """
+    if setting != "auto":
+        return JobProcesses(setting, workers, f"worker_processes: {setting}")
+    gpu = sorted(GPU_PROVIDERS.intersection(providers))
+    memory = "memory unknown" if memory_bytes is None else f"{memory_bytes / 2**30:.1f} GiB"
+    seen = f"{cpus} usable core{'s' if cpus != 1 else ''}, {memory}"
+    if gpu:
+        return JobProcesses(0, workers, f"worker_processes: auto, models on {gpu[0]}: one process shares it")
+    by_memory = workers if memory_bytes is None else memory_bytes // MEMORY_PER_PROCESS
+    processes = min(workers, cpus, by_memory)
+    if processes < 2:
+        return JobProcesses(0, workers, f"worker_processes: auto, {seen}: jobs in this process")
+    return JobProcesses(processes, max(1, workers // processes), f"worker_processes: auto, {seen}")
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup's CPU quota (a container's)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]  # cgroup v2
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def usable_memory_bytes() -> int | None:
+    """Physical memory, capped by a cgroup's memory limit (a container's); None when it cannot be told."""
+    try:
+        total: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = int(text) if total is None else min(total, int(text))
+    return total
 
 
 def _child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -66,8 +141,10 @@ class _Child:
 class WorkerProcesses:
     """``count`` child worker processes of the node whose configuration file is ``config_path``."""
 
-    def __init__(self, config_path: Path, count: int) -> None:
+    def __init__(self, config_path: Path, count: int, threads: int | None = None) -> None:
         self.config_path = Path(config_path)
+        #: Job threads of each child, when they are not the configuration's ``workers`` (``auto``).
+        self.threads = threads
         self._children = [_Child(i + 1) for i in range(count)]
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -90,7 +167,8 @@ class WorkerProcesses:
 
     def _spawn(self, child: _Child) -> None:
         # stdout/stderr are the node's: one log, each child's lines tagged with its name.
-        child.proc = subprocess.Popen(self.command(child.index), preexec_fn=_child_setup)  # noqa: PLW1509
+        env = None if self.threads is None else {**os.environ, "AINODE_NODE__WORKERS": str(self.threads)}
+        child.proc = subprocess.Popen(self.command(child.index), env=env, preexec_fn=_child_setup)  # noqa: PLW1509
         child.started = time.monotonic()
         log.info("worker process %d started (pid %d)", child.index, child.proc.pid)
 

@@ -1,7 +1,7 @@
 """Benchmark (issue 4): time to result, from storescu's last instance to SEG and SR stored in Orthanc.
 
     python3 tests/bench/bench_time_to_result.py [--slices 300] [--stable-after 2] [--rounds 2] [--stream on|off]
-        [--no-first-study] [--worker-processes N]
+        [--no-first-study] [--worker-processes auto|N]
 
 A 300-slice 512 x 512 CT (made from the real TCIA A0002 CT, CC BY 4.0, as in bench_ingest.py) is
 sent by DCMTK storescu to ``ainode serve`` (lung-seg route, results to a real Orthanc; after a 30-slice
@@ -101,7 +101,7 @@ def one_run(
     on_release: bool,
     stream: bool = True,
     warm_up: bool = True,
-    worker_processes: int = 0,
+    worker_processes: int | str = "auto",
 ) -> dict:
     study = make_study(work / "study", slices)
     study_uid = pydicom.dcmread(next(study.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
@@ -186,6 +186,10 @@ def one_run(
     }
 
 
+def _processes(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=300)
@@ -198,7 +202,8 @@ def main() -> None:
         default=True,
         help="first time each sender's study as the node's first after its start (no warm-up)",
     )
-    parser.add_argument("--worker-processes", type=int, default=0, help="node.worker_processes (jobs in children)")
+    parser.add_argument("--worker-processes", type=_processes, default="auto",
+                        help="node.worker_processes: auto (the default), 0 (jobs in the node) or a number")  # fmt: skip
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ttr-") as tmp, OrthancServer(Path(tmp) / "orthanc") as orthanc:

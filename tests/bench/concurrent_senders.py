@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, 
 
 import pydicom  # noqa: E402
 
+from node.operate.supervise import plan, usable_cpus, usable_memory_bytes  # noqa: E402
 from tests.bench.bench_ingest import peak_rss_mb  # noqa: E402
 from tests.bench.load_senders import RssSampler, pss_mb, remove_work, send_at_once, study_of_patient  # noqa: E402
 from tests.support.nodeproc import NodeProcess  # noqa: E402
@@ -97,8 +98,8 @@ def main() -> None:
     parser.add_argument("--lanes", type=int, default=None, help="runtime.inference_lanes (default: the node's)")
     parser.add_argument("--stream", choices=["on", "off"], default="on", help="runtime.stream_inference")
     parser.add_argument("--log-level", default="WARNING", help="the node's log level (INFO: slices reused per job)")
-    parser.add_argument("--worker-processes", type=int, default=0,
-                        help="node.worker_processes: jobs in this many child processes of the node")  # fmt: skip
+    parser.add_argument("--worker-processes", type=lambda v: v if v == "auto" else int(v), default="auto",
+                        help="node.worker_processes: auto (the default), 0 (jobs in the node) or a number")  # fmt: skip
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ainode-concurrent-"))
     most = max(args.senders)
@@ -130,7 +131,11 @@ def main() -> None:
         config["node"]["worker_processes"] = args.worker_processes
         with NodeProcess(config, work / "node", cli=True) as node:
             assert node.proc is not None
-            pids = [node.proc.pid, *children(node.proc.pid, args.worker_processes)]
+            processes = args.worker_processes
+            if processes == "auto":  # as the node chooses it on this machine (node/operate/supervise.py)
+                processes = plan("auto", args.workers, cpus=usable_cpus(), memory_bytes=usable_memory_bytes(),
+                                 providers=["CPUExecutionProvider"]).processes  # fmt: skip
+            pids = [node.proc.pid, *children(node.proc.pid, processes)]
             # Warm-up, then one study alone: the job-time the goal is counted in.
             for name in ("WARM", "WARM"):
                 uid, folder = study_of_patient(work / f"warm-{time.time_ns()}", args.slices, name)
@@ -145,6 +150,9 @@ def main() -> None:
                     sampler.samples.clear()
                 first, last, failed = send_at_once(node.port, studies)
                 arrived = wait_for_results(pacs, studies)
+                if len(samplers) > 1:
+                    print(f"{n} senders: peak MB per process (the node first):",
+                          [round(max(x.samples, default=0)) for x in samplers], flush=True)  # fmt: skip
                 found = results_by_study(pacs)
                 mixups = sum(ds.PatientID != patient or ds.StudyInstanceUID != uid
                              for patient, (uid, _) in studies.items() for ds in found.get(uid, []))  # fmt: skip

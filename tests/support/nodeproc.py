@@ -27,6 +27,9 @@ def node_section(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
         "spool_dir": str(tmp_path / "spool"),
         "database_url": f"sqlite:///{tmp_path}/node.db",
         "workers": 1,
+        # Jobs in the node's process, as the tests were written for; worker processes are tested on their own
+        # (tests/test_worker_processes.py), with the default ``auto`` too.
+        "worker_processes": 0,
         **overrides,
     }
 
@@ -100,6 +103,8 @@ class NodeProcess:
         job_lease_s: float = 120.0,
         preexec_fn: Any = None,
     ) -> None:
+        if config.get("node", {}).get("role", "all") == "all":
+            config = {**config, "node": {"worker_processes": 0, **config["node"]}}  # as in node_section
         self.config = config
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
