@@ -33,6 +33,7 @@ from db.models import AuditEvent, Study, utcnow
 from node.audit import trail
 from node.receive.duplicates import DuplicateDecision, DuplicatePolicy, Verdict, judge
 from node.receive.encoding import EncodingProblem, decode
+from node.receive.filemeta import FileMetaEncoder
 from node.receive.ingest import AlreadyIndexed, InstanceIndex, ReceivedInstance
 from node.receive.spool import Spool, SpoolError, StagedFile, valid_uid
 from node.tls import describe_tls_error, handshake
@@ -389,6 +390,7 @@ class StorageSCP:
         self.limits = limits or AssociationLimits()
         self.network_timeout_s = network_timeout_s
         self.spool = spool
+        self._file_meta = FileMetaEncoder()  # each file's File Meta Information, encoded a piece at a time
         self.duplicates = duplicates
         self.sessions = sessions
         self.index = index
@@ -727,7 +729,7 @@ class StorageSCP:
             # millisecond a C-STORE); the row's INSERT finds a UID kept already, and then it is judged below.
             try:
                 # Written now and flushed to the disk while its row is written; put in place before the row's commit.
-                staged = self.spool.stage_encoded(relpath, event.file_meta, encoded)
+                staged = self.spool.stage_encoded(relpath, self._header(inst), encoded)
             except SpoolError as exc:
                 log.error("C-STORE %s failed: spool: %s", sop_uid, exc)
                 return _failure(OUT_OF_RESOURCES, f"spool: {exc.strerror or exc}")
@@ -779,11 +781,15 @@ class StorageSCP:
             replaced = True
             log.warning("C-STORE %s: changed duplicate, %s", sop_uid, decision.detail)
         try:
-            size = self.spool.write_encoded(relpath, event.file_meta, encoded)
+            size = self.spool.write_encoded(relpath, self._header(inst), encoded)
         except SpoolError as exc:
             log.error("C-STORE %s failed: spool: %s", sop_uid, exc)
             return _failure(OUT_OF_RESOURCES, f"spool: {exc.strerror or exc}")
         return self._record(inst, relpath, size, state, replaced=replaced)
+
+    def _header(self, inst: ReceivedInstance) -> bytes:
+        """The file's preamble and File Meta Information: the request's SOP Class and Instance, the context's syntax."""
+        return self._file_meta.header(inst.sop_class_uid, inst.sop_instance_uid, inst.transfer_syntax_uid)
 
     def _record(
         self,
