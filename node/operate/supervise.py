@@ -88,31 +88,41 @@ def plan(
     return JobProcesses(processes, max(1, workers // processes), f"worker_processes: auto, {seen}")
 
 
-def usable_cpus() -> int:
+#: Where Linux shows this process's control groups (a container's CPU quota and memory limit).
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def _read(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except OSError:
+        return []
+
+
+def usable_cpus(cgroup: Path = CGROUP) -> int:
     """Cores this process may run on: its CPU affinity, capped by a cgroup's CPU quota (a container's)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]  # cgroup v2
-        if quota != "max":
-            cpus = min(cpus, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
+    # cgroup v2: "QUOTA PERIOD" or "max PERIOD"; v1: the quota (-1: none) and the period in two files.
+    v2 = _read(cgroup / "cpu.max")
+    if len(v2) >= 2:
+        quota, period = v2[0], v2[1]
+    else:
+        quota = next(iter(_read(cgroup / "cpu" / "cpu.cfs_quota_us")), "-1")
+        period = next(iter(_read(cgroup / "cpu" / "cpu.cfs_period_us")), "0")
+    if quota.isdigit() and period.isdigit() and int(period) > 0:
+        cpus = min(cpus, max(1, int(quota) // int(period)))
     return max(1, cpus)
 
 
-def usable_memory_bytes() -> int | None:
+def usable_memory_bytes(cgroup: Path = CGROUP) -> int | None:
     """Physical memory, capped by a cgroup's memory limit (a container's); None when it cannot be told."""
     try:
         total: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         total = None
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = int(text) if total is None else min(total, int(text))
+    for limit in (_read(cgroup / "memory.max"), _read(cgroup / "memory" / "memory.limit_in_bytes")):  # v2, v1
+        if limit and limit[0].isdigit():
+            total = int(limit[0]) if total is None else min(total, int(limit[0]))
     return total
 
 

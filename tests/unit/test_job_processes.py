@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from node.config import NodeSettings
-from node.operate.supervise import plan
+from node.operate.supervise import plan, usable_cpus, usable_memory_bytes
 
 GIB = 2**30
 CPU = ["CPUExecutionProvider"]
@@ -54,3 +56,40 @@ def test_a_number_is_taken_as_it_is():
     assert plan(3, 2, cpus=1, memory_bytes=1 * GIB, providers=CPU).processes == 3
     assert plan(0, 2, cpus=16, memory_bytes=64 * GIB, providers=CPU).processes == 0
     assert plan(3, 2, cpus=1, memory_bytes=None, providers=CPU).threads == 2  # workers threads each, as configured
+
+
+def _cgroup(tmp_path, files: dict[str, str]):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("files", "cap"),
+    [
+        ({"cpu.max": "100000 100000\n"}, 1),  # cgroup v2: a container of 1 CPU
+        ({"cpu.max": "250000 100000\n"}, 2),
+        ({"cpu.max": "max 100000\n"}, None),  # no quota
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files: the affinity alone
+    ],
+)
+def test_a_containers_cpu_quota_caps_the_usable_cores(tmp_path, files, cap):
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(_cgroup(tmp_path, files)) == (min(affinity, cap) if cap else affinity)
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"memory.max": "3221225472\n"}, 3 * GIB),  # cgroup v2: a container of 3 GiB
+        ({"memory.max": "max\n"}, None),
+        ({"memory/memory.limit_in_bytes": "2147483648\n"}, 2 * GIB),  # cgroup v1
+        ({}, None),
+    ],
+)
+def test_a_containers_memory_limit_caps_the_usable_memory(tmp_path, files, limit):
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert usable_memory_bytes(_cgroup(tmp_path, files)) == (min(physical, limit) if limit else physical)
